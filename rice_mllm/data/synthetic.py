@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -122,14 +121,6 @@ def build_split(
             }
         )
     return records
-
-
-def iter_texts(seed: int, num_images: int, config: WorldConfig = DEFAULT_WORLD) -> Iterator[str]:
-    """Every caption, question and answer of a train split, in record order (the tokenizer's training text)."""
-    records = build_split(seed, SPLITS[0], num_images, config)
-    for record in records.captions + records.qa:
-        for message in record["conversations"]:
-            yield message["value"]
 
 
 def _write_json(path: Path, value: object) -> None:
