@@ -17,7 +17,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 60),
     "blue": (30, 70, 220),
-    "yellow": (240, 200, 0),
+    "yellow": (240, 220, 20),
     "purple": (140, 40, 180),
     "orange": (250, 120, 10),
 }
@@ -38,7 +38,8 @@ POSITIONS: tuple[tuple[str, ...], ...] = (
     ("left", "center", "right"),
     ("bottom left", "bottom", "bottom right"),
 )
-MIN_SIDE = 48  # below this a grid cell is under 16 px and shapes stop being recognisable
+MIN_SIDE = 64  # below this a grid cell is under 21 px and small stars look like diamonds
+MIN_SHAPE = 14  # smallest shape side in pixels: under ~12 px a star and a diamond rasterise alike
 
 Box = tuple[int, int, int, int]
 
@@ -125,12 +126,13 @@ class RenderedScene:
 
 
 def _cell_bounds(width: int, height: int, row: int, col: int) -> Box:
-    """Integer pixel range of a grid cell, strictly inside the real-valued thirds so centres classify unambiguously."""
+    """Integer pixel range of a grid cell, 1 px inside the real-valued thirds: centres classify unambiguously and
+    drawings in neighbouring cells never touch."""
     return (
-        math.ceil(col * width / 3),
-        math.ceil(row * height / 3),
-        math.floor((col + 1) * width / 3),
-        math.floor((row + 1) * height / 3),
+        math.ceil(col * width / 3) + 1,
+        math.ceil(row * height / 3) + 1,
+        math.floor((col + 1) * width / 3) - 1,
+        math.floor((row + 1) * height / 3) - 1,
     )
 
 
@@ -141,19 +143,18 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 def _sample_word(rng: random.Random, width: int, height: int, row: int) -> SceneWord:
     text = rng.choice(WORDS)
-    cell_height = math.floor(height / 3)
-    size = max(10, int(cell_height * rng.uniform(0.6, 0.9)))
-    while True:  # shrink until the word fits its row with a 4 % margin; sizes fall by 1 px, so this ends
-        left, top, right, bottom = _font(size).getbbox(text)
-        if (right - left <= 0.92 * width and bottom - top <= 0.92 * cell_height) or size == 6:
-            break
+    x0, y0, _, _ = _cell_bounds(width, height, row, 0)
+    _, _, x1, y1 = _cell_bounds(width, height, row, 2)
+    size = max(10, int((y1 - y0) * rng.uniform(0.65, 1.0)))
+    left, top, right, bottom = _font(size).getbbox(text)
+    while right - left > x1 - x0 or bottom - top > y1 - y0:  # shrink until the ink fits the row
+        if size == 6:
+            raise ValueError(f"word {text!r} does not fit a {width}x{height} image even at 6 px")
         size -= 1
-    x0, y0, x1, y1 = _cell_bounds(width, height, row, 0)
-    y1 = _cell_bounds(width, height, row, 2)[3]
-    x1 = _cell_bounds(width, height, row, 2)[2]
+        left, top, right, bottom = _font(size).getbbox(text)
     # Anchor so the ink box (not the font's line box) lies inside the row.
-    x = rng.randint(x0 - left, max(x0 - left, x1 - right))
-    y = rng.randint(y0 - top, max(y0 - top, y1 - bottom))
+    x = rng.randint(x0 - left, x1 - right)
+    y = rng.randint(y0 - top, y1 - bottom)
     return SceneWord(text=text, row=row, x=x, y=y, font_size=size)
 
 
@@ -183,7 +184,7 @@ def sample_scene(rng: random.Random, config: WorldConfig) -> Scene:
     for (colour, shape), (row, col) in zip(sorted(labels), rng.sample(cells, num_objects), strict=True):
         x0, y0, x1, y1 = _cell_bounds(width, height, row, col)
         span = min(x1 - x0, y1 - y0)
-        size = rng.randint(max(8, int(0.55 * span)), int(0.95 * span))
+        size = rng.randint(max(MIN_SHAPE, int(0.55 * span)), int(0.95 * span))
         objects.append(
             SceneObject(colour, shape, row, col, rng.randint(x0, x1 - size), rng.randint(y0, y1 - size), size)
         )
