@@ -175,6 +175,16 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert b"tIME" not in png and b"tEXt" not in png  # no timestamp or metadata chunks
 
 
+def test_ensure_generated_reuses_only_a_matching_world(tmp_path):
+    first = synthetic.ensure_generated(tmp_path, seed=1, num_images=2, num_heldout=1)
+    stamp = (tmp_path / "manifest.json").stat().st_mtime_ns
+    image = (tmp_path / "images/train/000000.png").read_bytes()
+    assert synthetic.ensure_generated(tmp_path, seed=1, num_images=2, num_heldout=1) == first
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns == stamp
+    second = synthetic.ensure_generated(tmp_path, seed=2, num_images=2, num_heldout=1)
+    assert second["args"]["seed"] == 2 and (tmp_path / "images/train/000000.png").read_bytes() != image
+
+
 def test_records_follow_the_data_contracts(world):
     manifest = json.loads((world / "manifest.json").read_text())
     sizes = set()

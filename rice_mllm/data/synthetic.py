@@ -146,6 +146,11 @@ def write_split(out_dir: Path, records: SplitRecords, progress: bool = False) ->
     _write_json(out_dir / names["qa"], records.qa)
 
 
+def _arguments(seed: int, num_images: int, num_heldout: int, config: WorldConfig, qa_per_image: int) -> dict:
+    arguments = {"seed": seed, "num_images": num_images, "num_heldout": num_heldout, "qa_per_image": qa_per_image}
+    return arguments | asdict(config)
+
+
 def generate(
     out_dir: str | Path,
     seed: int = 0,
@@ -155,7 +160,7 @@ def generate(
     qa_per_image: int = 3,
     progress: bool = False,
 ) -> dict:
-    """Write the tiny world: both splits and a manifest.
+    """Write the tiny world: both splits, then the manifest (last, so its presence marks a complete world).
 
     Args:
         out_dir: output folder (created; existing files of the same names are overwritten).
@@ -167,17 +172,41 @@ def generate(
         progress: show a tqdm bar per split.
 
     Returns:
-        The manifest also written to `out_dir/manifest.json`: arguments, and per split its file names and counts.
+        The manifest written to `out_dir/manifest.json`: {"generator", "args", "splits": {split: {"images", "regions",
+        "captions", "qa", "num_images", "num_qa"}}}, file names relative to `out_dir`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest: dict = {"seed": seed, "config": asdict(config), "qa_per_image": qa_per_image, "splits": {}}
+    (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not leave a manifest vouching for old files
+    arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image)
+    manifest: dict = {"generator": __name__, "args": arguments, "splits": {}}
     for split, count in zip(SPLITS, (num_images, num_heldout), strict=True):
         records = build_split(seed, split, count, config, qa_per_image)
         write_split(out, records, progress)
         manifest["splits"][split] = {**split_files(split), "num_images": count, "num_qa": len(records.qa)}
     _write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def ensure_generated(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_images: int = 256,
+    num_heldout: int = 64,
+    config: WorldConfig = DEFAULT_WORLD,
+    qa_per_image: int = 3,
+    progress: bool = False,
+) -> dict:
+    """`generate` unless `out_dir/manifest.json` already records these exact arguments; returns the manifest.
+
+    Not safe to call from several processes at once: in distributed runs call it on rank 0, then barrier.
+    """
+    path = Path(out_dir) / MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest.get("args") == _arguments(seed, num_images, num_heldout, config, qa_per_image):
+            return manifest
+    return generate(out_dir, seed, num_images, num_heldout, config, qa_per_image, progress)
 
 
 def main(argv: list[str] | None = None) -> dict:
