@@ -205,12 +205,12 @@ def _shape_polygon(obj: SceneObject) -> list[tuple[float, float]]:
         return [(cx, top), (right, cy), (cx, bottom), (left, cy)]
     if obj.shape == "star":
         # Five points; the inner radius 0.45 keeps the arms thick enough to survive downsampling.
-        outer = far / 2
-        return [
-            (cx + r * math.cos(a), cy + r * math.sin(a))
-            for k in range(10)
-            for r, a in [(outer if k % 2 == 0 else 0.45 * outer, -math.pi / 2 + k * math.pi / 5)]
-        ]
+        points = []
+        for k in range(10):  # alternate outer and inner vertices, starting at the top
+            radius = far / 2 if k % 2 == 0 else 0.45 * far / 2
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        return points
     raise ValueError(f"no polygon for shape {obj.shape!r}; known shapes: {SHAPES}")
 
 
