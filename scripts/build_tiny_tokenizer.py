@@ -3,6 +3,7 @@
 Regenerates rice_mllm/presets/tokenizers/tiny/{tokenizer.json,tokenizer_config.json} from the synthetic generator's
 text plus a little general English; the output is a pure function of this file and the generator (BPE training in
 `tokenizers` breaks ties deterministically), so the shipped files are reproducible.
+Usage (repo root, kit installed or PYTHONPATH=.): python scripts/build_tiny_tokenizer.py [--out DIR] [--vocab-size N]
 """
 
 from __future__ import annotations

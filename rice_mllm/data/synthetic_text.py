@@ -69,10 +69,12 @@ def _shape_turns(scene: Scene, rng: random.Random) -> list[Turn]:
 
 def _count_turns(scene: Scene, rng: random.Random) -> list[Turn]:
     turns = [("How many shapes are there?", str(len(scene.objects)))]
-    # Every colour and shape is asked about, present or not, so "0" answers appear as well.
-    colour = rng.choice(tuple(COLOURS))
+    # Mostly ask about colours and shapes that are present; sometimes about any, so "0" is a possible answer but
+    # not the answer a model can always guess.
+    present = rng.random() < 0.7
+    colour = rng.choice(sorted({obj.colour for obj in scene.objects}) if present else tuple(COLOURS))
     turns.append((f"How many {colour} shapes are there?", str(sum(obj.colour == colour for obj in scene.objects))))
-    shape = rng.choice(SHAPES)
+    shape = rng.choice(sorted({obj.shape for obj in scene.objects}) if present else SHAPES)
     turns.append((f"How many {SHAPE_PLURALS[shape]} are there?", str(sum(obj.shape == shape for obj in scene.objects))))
     return turns
 
