@@ -15,8 +15,10 @@ ROLES = ("system", "user", "assistant")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 # Jinja twin of `format_chat`, saved into tokenizer configs so that `apply_chat_template` and
-# serving stacks render exactly what the kit trains on. The default system turn is Qwen2.5's
-# (LLaVA-OneVision's Qwen template inserts it too), so finetuned Qwen2.5 weights see familiar text.
+# serving stacks render exactly what the kit trains on. Default system turn: "You are a helpful
+# assistant.", as LLaVA-OneVision's Qwen template (and Qwen2) insert it; Qwen2.5-Instruct's own
+# template says "You are Qwen, created by Alibaba Cloud. ..." instead, but the kit trains the
+# LLaVA-OneVision way, and a user who wants Qwen's text passes it as the system message.
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}"
     "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
