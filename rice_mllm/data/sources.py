@@ -161,20 +161,22 @@ def conversations_from_dataset(
     return [parse_record(dict(row), name, index, root) for index, row in enumerate(dataset)]
 
 
+def open_image(image: Path | Image.Image, where: str) -> Image.Image:
+    """Fully decode one image as RGB; `where` names it in MissingImageError / CorruptImageError."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not image.is_file():
+        raise MissingImageError(f"{where} {image}: file not found")
+    try:
+        with Image.open(image) as handle:
+            # convert() forces a full decode, so truncated files fail here, not in a training worker.
+            return handle.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise CorruptImageError(f"{where} {image}: cannot decode: {error}") from error
+
+
 def open_images(conversation: Conversation) -> list[Image.Image]:
-    """Fully decode a record's images as RGB; raises MissingImageError / CorruptImageError naming them."""
-    opened = []
-    for image_index, image in enumerate(conversation.images):
-        if isinstance(image, Image.Image):
-            opened.append(image.convert("RGB"))
-            continue
-        where = f"{conversation.location}: image {image_index} {image}"
-        if not image.is_file():
-            raise MissingImageError(f"{where}: file not found")
-        try:
-            with Image.open(image) as handle:
-                # convert() forces a full decode, so truncated files fail here, not in a worker later.
-                opened.append(handle.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as error:
-            raise CorruptImageError(f"{where}: cannot decode: {error}") from error
-    return opened
+    """All images of a record, decoded as RGB, in placeholder order."""
+    return [
+        open_image(image, f"{conversation.location}: image {index}") for index, image in enumerate(conversation.images)
+    ]

@@ -30,6 +30,11 @@ class SampleTooLongError(ValueError):
     """A sample's token count exceeds max_length; cutting it could split an image, so it is refused."""
 
 
+def count_placeholders(messages: Sequence[Mapping[str, str]]) -> int:
+    """Number of IMAGE_TOKEN placeholders in the messages' contents."""
+    return sum(str(message.get("content", "")).count(IMAGE_TOKEN) for message in messages)
+
+
 def add_image_token(tokenizer) -> int:
     """Add IMAGE_TOKEN to the tokenizer as a special token if it is missing; return its id.
 
@@ -91,12 +96,14 @@ class RiceMllmProcessor:
         Raises:
             ImagePlaceholderError: placeholder count != len(image_sizes).
         """
-        rendered = render_chat(self.tokenizer, messages, add_generation_prompt)
-        positions = [i for i, token in enumerate(rendered.input_ids) if token == self.image_token_id]
-        if len(positions) != len(image_sizes):
+        placeholders = count_placeholders(messages)
+        if placeholders != len(image_sizes):
             raise ImagePlaceholderError(
-                f"{len(positions)} {IMAGE_TOKEN} placeholder(s) in the messages but {len(image_sizes)} image(s)"
+                f"{placeholders} {IMAGE_TOKEN} placeholder(s) in the messages but {len(image_sizes)} image(s)"
             )
+        rendered = render_chat(self.tokenizer, messages, add_generation_prompt)
+        # The tokenizer holds IMAGE_TOKEN as a special token (checked in __init__): one id per placeholder.
+        positions = [i for i, token in enumerate(rendered.input_ids) if token == self.image_token_id]
         input_ids: list[int] = []
         labels: list[int] = []
         start = 0
