@@ -169,6 +169,8 @@ def test_pack_image_features_matches_transformers(max_tiles):
                 model, [features], sizes, newline, vision_aspect_ratio=f"anyres_max_{max_tiles}"
             )
         torch.testing.assert_close(ours, packed[0], rtol=0, atol=1e-6)
+        # The model passes rows of its image_sizes tensor.
+        torch.testing.assert_close(pack_image_features(features, sizes[0], geometry, newline), ours, rtol=0, atol=0)
 
 
 def test_pack_length_equals_count_on_many_sizes():

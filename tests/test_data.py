@@ -207,3 +207,17 @@ def test_data_check_passes_clean_data_and_flags_unsupervised(tmp_path, capsys, p
     code = main(["check", str(tmp_path / "unsupervised.jsonl"), "--processor", str(tmp_path / "proc"), "--no-progress"])
     assert code == 1
     assert "unsupervised.jsonl record 0: no supervised token" in capsys.readouterr().out
+
+
+def test_data_check_reads_saved_hf_datasets(tmp_path, capsys, processor):
+    save_png(tmp_path / "hf" / "a.png")
+    rows = [
+        {"image": "a.png", "conversations": [turn("human", "<image>what?"), turn("gpt", "a box")]},
+        {"image": "a.png", "conversations": [turn("bot", "<image>what?"), turn("gpt", "a box")]},
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    processor.save_pretrained(tmp_path / "proc")
+    assert main(["check", str(tmp_path / "hf"), "--processor", str(tmp_path / "proc"), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'hf'} record 1: bad record:" in out and "conversations[0].from is 'bot'" in out
+    assert "checked 2 records with 1 images: 1 problem(s)" in out

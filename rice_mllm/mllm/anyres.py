@@ -16,6 +16,12 @@ import torch.nn.functional as F
 Size = tuple[int, int]  # (height, width)
 
 
+def _as_size(image_size) -> Size:
+    """(height, width) as Python ints: the model passes rows of an image_sizes tensor."""
+    height, width = image_size
+    return int(height), int(width)
+
+
 @dataclass(frozen=True)
 class AnyresGeometry:
     """How images become tiles and tokens.
@@ -92,7 +98,7 @@ def select_best_resolution(image_size: Size, pinpoints: Sequence[Sequence[int]])
     Returns:
         The chosen (height, width).
     """
-    height, width = image_size
+    height, width = _as_size(image_size)
     best, best_key = None, None
     for cand_h, cand_w in pinpoints:
         # Float scale and int() truncation on purpose: transformers computes it so, and the
@@ -179,8 +185,9 @@ class FeatureLayout:
 
 def feature_layout(image_size: Size, geometry: AnyresGeometry) -> FeatureLayout:
     """The single derivation of an image's feature layout; count and packing both read it."""
+    image_size = _as_size(image_size)
     if min(image_size) <= 0:
-        raise ValueError(f"image size {tuple(image_size)} must be positive (height, width)")
+        raise ValueError(f"image size {image_size} must be positive (height, width)")
     rows, cols = grid_shape(image_size, geometry)
     n = geometry.tile_features
     crop = unpadded_crop(image_size, (rows * n, cols * n))
@@ -219,12 +226,12 @@ def pack_image_features(
     expected = (1 + layout.rows * layout.cols, n * n)
     if tuple(tile_features.shape[:2]) != expected:
         raise ValueError(
-            f"image {tuple(image_size)}: expected tile features of shape [{expected[0]}, {expected[1]}, D] "
+            f"image {_as_size(image_size)}: expected tile features of shape [{expected[0]}, {expected[1]}, D] "
             f"({layout.rows}x{layout.cols} grid + base tile, {n}x{n} features each), got {list(tile_features.shape)}"
         )
     dim = tile_features.shape[-1]
     base = tile_features[0]  # [N*N, D]
-    grid = tile_features[1:].view(layout.rows, layout.cols, n, n, dim)
+    grid = tile_features[1:].reshape(layout.rows, layout.cols, n, n, dim)
     grid = grid.permute(0, 2, 1, 3, 4).reshape(layout.rows * n, layout.cols * n, dim)  # [rows*N, cols*N, D]
     top, bottom, left, right = layout.crop
     grid = grid[top:bottom, left:right]
