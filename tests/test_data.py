@@ -207,6 +207,8 @@ def test_data_check_passes_clean_data_and_flags_unsupervised(tmp_path, capsys, p
     code = main(["check", str(tmp_path / "unsupervised.jsonl"), "--processor", str(tmp_path / "proc"), "--no-progress"])
     assert code == 1
     assert "unsupervised.jsonl record 0: no supervised token" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"\['--tile-size'\] conflict with --processor"):
+        main(["check", str(tmp_path / "clean.jsonl"), "--processor", str(tmp_path / "proc"), "--tile-size", "56"])
 
 
 def test_data_check_reads_saved_hf_datasets(tmp_path, capsys, processor):

@@ -39,6 +39,7 @@ from rice_mllm.mllm.processing import (
 
 # Tokenizer used when neither --processor nor --tokenizer is given (None: one of them is required).
 DEFAULT_TOKENIZER: str | None = None
+GEOMETRY_DEFAULTS = {"tile_size": 336, "patch_size": 14, "max_tiles": 4}
 
 
 @dataclass(frozen=True)
@@ -172,16 +173,25 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--processor", help="folder written by RiceMllmProcessor.save_pretrained")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder or hub id (no --processor)")
-    parser.add_argument("--tile-size", type=int, default=336)
-    parser.add_argument("--patch-size", type=int, default=14)
-    parser.add_argument("--max-tiles", type=int, default=4, help="grids of at most this many tiles")
-    parser.add_argument("--max-grid-tiles", type=int, default=None, help="OneVision anyres_max_K token budget")
-    parser.add_argument("--max-length", type=int, default=None, help="longest allowed sample in tokens")
+    parser.add_argument("--tile-size", type=int, help=f"without --processor; default {GEOMETRY_DEFAULTS['tile_size']}")
+    parser.add_argument(
+        "--patch-size", type=int, help=f"without --processor; default {GEOMETRY_DEFAULTS['patch_size']}"
+    )
+    parser.add_argument(
+        "--max-tiles", type=int, help=f"grids of at most this many tiles; default {GEOMETRY_DEFAULTS['max_tiles']}"
+    )
+    parser.add_argument("--max-grid-tiles", type=int, help="OneVision anyres_max_K token budget (default: none)")
+    parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (overrides the processor's)")
 
 
 def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
     """A saved processor (--processor), or one made from --tokenizer and the geometry flags."""
+    geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles")}
     if args.processor:
+        given = sorted(f"--{key.replace('_', '-')}" for key, value in geometry_flags.items() if value is not None)
+        given += ["--tokenizer"] if args.tokenizer not in (None, DEFAULT_TOKENIZER) else []
+        if given:
+            raise SystemExit(f"data check: {given} conflict with --processor, whose saved geometry is used")
         processor = RiceMllmProcessor.from_pretrained(args.processor)
         if args.max_length is not None:
             processor.max_length = args.max_length
@@ -190,9 +200,9 @@ def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
         raise SystemExit("data check: give --processor DIR or --tokenizer DIR")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     add_image_token(tokenizer)
-    geometry = AnyresGeometry(
-        args.tile_size, args.patch_size, make_grid_pinpoints(args.tile_size, args.max_tiles), args.max_grid_tiles
-    )
+    flags = {key: GEOMETRY_DEFAULTS.get(key) if value is None else value for key, value in geometry_flags.items()}
+    pinpoints = make_grid_pinpoints(flags["tile_size"], flags["max_tiles"])
+    geometry = AnyresGeometry(flags["tile_size"], flags["patch_size"], pinpoints, flags["max_grid_tiles"])
     return RiceMllmProcessor(tokenizer, RiceImageProcessor(geometry), max_length=args.max_length)
 
 

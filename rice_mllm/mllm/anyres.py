@@ -149,6 +149,8 @@ def unpadded_crop(image_size: Size, grid_size: Size) -> tuple[int, int, int, int
     """
     height, width = image_size
     grid_h, grid_w = grid_size
+    # Exact integer floors; transformers' int(round(x, 7)) of the float product gives the same value for
+    # any side under ~10^7 px (a fraction k/width cannot come within 1e-7 of the next integer).
     if width * grid_h > grid_w * height:  # image wider than the grid: padding above and below
         margin = (grid_h - (height * grid_w) // width) // 2
         return margin, grid_h - margin, 0, grid_w
