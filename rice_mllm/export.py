@@ -16,10 +16,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlavaNextConfig
+from transformers import AutoTokenizer, LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor
 
-from .loading import checkpoint_shapes, weight_files
+from .constants import IMAGE_TOKEN
+from .loading import weight_files
+from .mllm.anyres import AnyresGeometry
+from .mllm.chat_template import CHAT_TEMPLATE
 from .mllm.configuration import RiceMllmConfig
+from .mllm.image_processing import RiceImageProcessor
+from .mllm.processing import CONFIG_NAME as PROCESSOR_CONFIG
+from .mllm.processing import RiceMllmProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +114,35 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     if llava_config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     _write(weights, llava_config, out_dir)
-    from .mllm.processing import RiceMllmProcessor, to_llava_next_processor
-
-    if RiceMllmProcessor.is_saved_in(checkpoint_dir):
-        to_llava_next_processor(RiceMllmProcessor.from_pretrained(checkpoint_dir), config).save_pretrained(out_dir)
-    logger.info("exported %s -> %s (%d tensors)", checkpoint_dir, out_dir, len(checkpoint_shapes([out_dir / "model.safetensors"])))
+    if (checkpoint_dir / PROCESSOR_CONFIG).is_file():
+        to_llava_next_processor(RiceMllmProcessor.from_pretrained(checkpoint_dir)).save_pretrained(out_dir)
+    logger.info("exported %s -> %s (%d tensors)", checkpoint_dir, out_dir, len(weights))
     return out_dir
+
+
+def to_llava_next_processor(processor: RiceMllmProcessor) -> LlavaNextProcessor:
+    """transformers' processor for the same tiling, normalisation, image-token count and chat template.
+
+    transformers resizes with PIL: pixels equal the kit's with `resample="pil"` and differ by a grey level or two
+    with the kit's faster default torch resize.
+    """
+    geometry = processor.image_processor.geometry
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": geometry.tile_size},
+        crop_size={"height": geometry.tile_size, "width": geometry.tile_size},
+        image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints],
+        image_mean=list(processor.image_processor.image_mean),
+        image_std=list(processor.image_processor.image_std),
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=geometry.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, which "default" then drops
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def import_checkpoint(transformers_dir: str | Path, out_dir: str | Path) -> Path:
@@ -125,6 +154,11 @@ def import_checkpoint(transformers_dir: str | Path, out_dir: str | Path) -> Path
     if config.text_config.tie_word_embeddings:
         weights.pop("language_model.lm_head.weight", None)
     _write(weights, config, out_dir)
+    if (transformers_dir / "tokenizer_config.json").is_file():
+        vision = config.vision_config
+        geometry = AnyresGeometry(vision.image_size, vision.patch_size, config.image_grid_pinpoints)
+        tokenizer = AutoTokenizer.from_pretrained(transformers_dir)
+        RiceMllmProcessor(tokenizer, RiceImageProcessor(geometry)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -7,6 +7,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..presets import load_preset
 from ..vision import RiceVisionConfig
+from .anyres import make_grid_pinpoints
 
 
 class RiceMllmConfig(PreTrainedConfig):
@@ -41,9 +42,8 @@ class RiceMllmConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.image_grid_pinpoints is None:
-            side = self.vision_config.image_size
-            self.image_grid_pinpoints = [[side * rows, side * cols] for rows in (1, 2) for cols in (1, 2)]
+        if self.image_grid_pinpoints is None:  # LLaVA-NeXT's "up to 2x2+1 tiles": every grid of at most 4 tiles
+            self.image_grid_pinpoints = [list(size) for size in make_grid_pinpoints(self.vision_config.image_size, 4)]
 
     @classmethod
     def from_presets(cls, vision: str, text: str, **kwargs) -> RiceMllmConfig:

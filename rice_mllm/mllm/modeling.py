@@ -90,7 +90,10 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         """Vision parameters past the feature layer (and the pooled-CLS norm): kept for checkpoint fidelity, never
         reached by the loss. Trainers must freeze them, or ZeRO and DDP wait for gradients that never come."""
         used = self._num_vision_layers_used()
-        prefixes = [f"vision_tower.vision_model.encoder.layers.{i}." for i in range(used, self.config.vision_config.num_hidden_layers)]
+        prefixes = [
+            f"vision_tower.vision_model.encoder.layers.{i}."
+            for i in range(used, self.config.vision_config.num_hidden_layers)
+        ]
         prefixes.append("vision_tower.vision_model.post_layernorm.")
         return [name for name, _ in self.named_parameters() if name.startswith(tuple(prefixes))]
 
@@ -120,7 +123,10 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         features = self.projector(self._vision_features(pixel_values))  # [tiles, N*N, D_llm]
         per_image = features.split(tiles_per_image)
         return torch.cat(
-            [pack_image_features(tiles, size, geometry, self.image_newline) for tiles, size in zip(per_image, sizes)]
+            [
+                pack_image_features(tiles, size, geometry, self.image_newline)
+                for tiles, size in zip(per_image, sizes, strict=True)
+            ]
         )
 
     def embed_inputs(
