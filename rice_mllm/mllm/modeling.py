@@ -23,6 +23,10 @@ class ImageTokenMismatchError(ValueError):
     """The `<image>` tokens of a batch and the features of its images disagree in number."""
 
 
+def _has_cache(kwargs: dict) -> bool:
+    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+
+
 class RiceMllmForConditionalGeneration(PreTrainedModel):
     """The multimodal model. Top-level parts (what stages train): `vision_tower`, `projector`, `image_newline`,
     `language_model`. Batches may mix samples with no, one or several images.
@@ -169,7 +173,18 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits (and the causal LM loss when `labels` [B, T] are given, -100 ignored) for a multimodal batch."""
+        """Logits (and the causal LM loss when `labels` [B, T] are given, -100 ignored) for a multimodal batch.
+
+        A packed batch (data.packing) passes `position_ids` restarting at 0 per sample and no `attention_mask`.
+        """
+        if attention_mask is None and position_ids is not None and not _has_cache(kwargs):
+            # transformers reads packed-sample boundaries from position_ids only when no KV cache is passed, and Qwen2
+            # creates one whenever use_cache is on (its config default): attention would silently cross samples.
+            if kwargs.get("use_cache"):
+                raise ValueError(
+                    "use_cache=True with position_ids and no attention_mask (a packed batch) is unsupported"
+                )
+            kwargs["use_cache"] = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         return self.language_model(

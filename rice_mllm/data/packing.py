@@ -1,0 +1,157 @@
+"""Padding-free packing: several processor samples per row, first-fit, never splitting a sample (or its images).
+
+A packed batch has no attention_mask; `position_ids` restart at 0 for every sample, and transformers' mask utilities
+(masking_utils.find_packed_sequence_indices) turn those restarts into per-sample causal blocks, so attention never
+crosses a sample boundary. Invariant: the loss is the same per-token mean as an unpacked batch of the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from rice_mllm.constants import IGNORE_INDEX
+
+
+class SampleTooLongError(ValueError):
+    """A sample does not fit in one packed row; it is refused rather than truncated (a cut could split an image)."""
+
+
+def first_fit_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Pack sample lengths into rows of at most `max_tokens`, first-fit decreasing (ties keep input order).
+
+    Args:
+        lengths: tokens per sample.
+        max_tokens: row capacity.
+
+    Returns:
+        Rows of sample indices; every index appears once, in input order within a row.
+
+    Raises:
+        SampleTooLongError: naming the first sample longer than `max_tokens`.
+    """
+    for index, length in enumerate(lengths):
+        if length > max_tokens:
+            raise SampleTooLongError(f"sample {index} has {length} tokens > max_tokens {max_tokens}")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, space in enumerate(free) if space >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            free.append(max_tokens)
+            row = len(rows) - 1
+        rows[row].append(index)
+        free[row] -= lengths[index]
+    return [sorted(row) for row in rows]
+
+
+class PackingCollator:
+    """Packs processor samples into as few rows of `max_tokens` as first-fit finds, for training.
+
+    Feed it the model directly: `model(**batch)`. Each sample keeps its tokens contiguous and its position ids
+    0..len-1; the gap after the last sample of a row is one padding segment (its own position ids from 0, labels
+    -100), so no real token attends to it.
+
+    Args:
+        max_tokens: row capacity; a longer sample raises SampleTooLongError.
+        pad_token_id: id written into the padding segment.
+        pad_to_multiple_of: round the row width up to a multiple of this.
+    """
+
+    def __init__(self, max_tokens: int, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Pack.
+
+        Args:
+            samples: dicts with input_ids, labels [T_i]; pixel_values [tiles_i, 3, S, S]; image_sizes [images_i, 2].
+
+        Returns:
+            input_ids, labels, position_ids [R, W] (R rows, W = longest row, rounded up); pixel_values
+            [sum tiles_i, 3, S, S] and image_sizes [sum images_i, 2] in row order, which is the order the model
+            meets the `<image>` runs. No attention_mask: packing is read from the position ids.
+        """
+        if not samples:
+            raise ValueError("cannot pack an empty list of samples")
+        rows = first_fit_rows([len(sample["input_ids"]) for sample in samples], self.max_tokens)
+        width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        for r, row in enumerate(rows):
+            start = 0
+            for index in row:
+                ids = samples[index]["input_ids"]
+                end = start + len(ids)
+                batch["input_ids"][r, start:end] = ids
+                batch["labels"][r, start:end] = samples[index]["labels"]
+                # Nothing predicts a sample's first token in an unpacked batch; in a row the previous sample's last
+                # token would, so its label is masked to keep the loss identical.
+                batch["labels"][r, start] = IGNORE_INDEX
+                batch["position_ids"][r, start:end] = torch.arange(len(ids))
+                start = end
+            batch["position_ids"][r, start:] = torch.arange(width - start)
+        order = [index for row in rows for index in row]
+        batch["pixel_values"] = torch.cat([samples[i]["pixel_values"] for i in order], dim=0)
+        batch["image_sizes"] = torch.cat([samples[i]["image_sizes"] for i in order], dim=0)
+        return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffles, then sorts each mega-batch of `batch_size * group_batches` samples by length (longest first), so
+    batches hold similar lengths and padding shrinks; batches themselves are then shuffled. The padded alternative
+    to packing. Deterministic per (seed, epoch); call `set_epoch` each epoch.
+
+    Args:
+        lengths: tokens per dataset item (cheap to compute: `processor.encode(messages, image_sizes)`).
+        batch_size: samples per batch (per rank).
+        group_batches: batches per sorted mega-batch; larger groups pad less but randomise less.
+        seed: base seed.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, group_batches: int = 50, seed: int = 0) -> None:
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError(f"batch_size and group_batches must be positive, got {batch_size}, {group_batches}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.group_size = batch_size * group_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches of dataset indices (the last one may be short)."""
+        rng = random.Random(f"{self.seed}-{self.epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches = []
+        for group_start in range(0, len(order), self.group_size):
+            group = sorted(order[group_start : group_start + self.group_size], key=lambda i: -self.lengths[i])
+            batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        # Only the very last batch can be short (groups are whole batches); it stays last so that a DataLoader
+        # re-cutting the index stream into batch_size chunks meets the same batches.
+        short = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        rng.shuffle(batches)
+        return batches + short
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for batch in self.batches() for index in batch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)

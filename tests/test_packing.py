@@ -1,0 +1,177 @@
+"""Padding-free packing: packed rows give the loss, gradients and logits of the same samples run one by one."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tiny import tiny_mllm_config
+
+from rice_mllm.constants import IGNORE_INDEX
+from rice_mllm.data.collate import PaddingCollator
+from rice_mllm.data.packing import LengthGroupedSampler, PackingCollator, SampleTooLongError, first_fit_rows
+from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
+from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": "<image>\n<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}], 2),
+    ([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi there, friend"}], 0),
+    ([{"role": "user", "content": "<image>\nHow many?"}, {"role": "assistant", "content": "three"}], 1),
+    (
+        [
+            {"role": "user", "content": "Name a shape."},
+            {"role": "assistant", "content": "circle"},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "square"},
+        ],
+        0,
+    ),
+    ([{"role": "user", "content": "<image>\nWhere?"}, {"role": "assistant", "content": "left"}], 1),
+]
+SIZES = [(70, 40), (30, 120), (50, 50), (28, 90)]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(TINY_TOKENIZER, tile_size=28)
+
+
+@pytest.fixture(scope="module")
+def samples(processor):
+    rng = np.random.default_rng(0)
+    sizes = iter(SIZES)
+    out = []
+    for messages, num_images in CONVERSATIONS:
+        images = []
+        for _ in range(num_images):
+            h, w = next(sizes)
+            images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+        out.append(processor(messages, images))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    config = tiny_mllm_config(image_token_id=processor.image_token_id)
+    config.text_config.vocab_size = len(processor.tokenizer)
+    torch.manual_seed(0)
+    return RiceMllmForConditionalGeneration(config).train()
+
+
+def _frozen_vision(model):
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in set(model.unused_parameter_names()))
+
+
+def _loss_and_grads(model, compute_loss):
+    model.zero_grad()
+    loss = compute_loss()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reference_loss(model, samples):
+    """Each sample alone (batch of 1, no padding); summed token cross-entropy over all supervised tokens, by hand."""
+    total, count = 0.0, 0
+    for sample in samples:
+        logits = model(
+            input_ids=sample["input_ids"][None],
+            pixel_values=sample["pixel_values"],
+            image_sizes=sample["image_sizes"],
+        ).logits[0]
+        targets = sample["labels"][1:]
+        total = total + F.cross_entropy(logits[:-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((targets != IGNORE_INDEX).sum())
+    return total / count
+
+
+def _assert_same(result, reference):
+    loss, grads = result
+    ref_loss, ref_grads = reference
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("max_tokens", [10_000, 150])
+def test_packed_loss_and_gradients_equal_samples_run_alone(model, samples, processor, max_tokens):
+    _frozen_vision(model)
+    packed = PackingCollator(max_tokens, processor.pad_token_id)(samples)
+    assert packed["input_ids"].shape[0] == (1 if max_tokens == 10_000 else 2)
+    reference = _loss_and_grads(model, lambda: _reference_loss(model, samples))
+    _assert_same(_loss_and_grads(model, lambda: model(**packed).loss), reference)
+
+
+def test_padded_batch_gives_the_same_per_token_mean(model, samples, processor):
+    padded = PaddingCollator(processor.pad_token_id)(samples)
+    reference = _loss_and_grads(model, lambda: _reference_loss(model, samples))
+    _assert_same(_loss_and_grads(model, lambda: model(**padded).loss), reference)
+
+
+def test_attention_stays_inside_each_sample(model, samples, processor):
+    packed = PackingCollator(10_000, processor.pad_token_id)(samples)
+    restarts = torch.cat([torch.arange(len(sample["input_ids"])) for sample in samples])
+    assert torch.equal(packed["position_ids"], restarts[None])
+    with torch.no_grad():
+        logits = model.eval()(**packed).logits[0]
+        start = 0
+        for sample in samples:  # one row, so samples sit in input order
+            alone = model(
+                input_ids=sample["input_ids"][None],
+                pixel_values=sample["pixel_values"],
+                image_sizes=sample["image_sizes"],
+            ).logits[0]
+            torch.testing.assert_close(logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-5)
+            start += len(alone)
+    model.train()
+
+
+def test_packed_batch_refuses_a_kv_cache(model, samples, processor):
+    packed = PackingCollator(10_000, processor.pad_token_id)(samples[:2])
+    with pytest.raises(ValueError, match="packed batch"):
+        model(**packed, use_cache=True)
+
+
+def test_rows_reorder_images_with_their_samples(samples, processor):
+    lengths = [len(sample["input_ids"]) for sample in samples]
+    max_tokens = max(lengths) + 1
+    packed = PackingCollator(max_tokens, processor.pad_token_id, pad_to_multiple_of=8)(samples)
+    assert packed["input_ids"].shape[1] % 8 == 0
+    rows = first_fit_rows(lengths, max_tokens)
+    order = [i for row in rows for i in row]
+    assert torch.equal(packed["image_sizes"], torch.cat([samples[i]["image_sizes"] for i in order]))
+    assert torch.equal(packed["pixel_values"], torch.cat([samples[i]["pixel_values"] for i in order]))
+    supervised = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == supervised
+
+
+def test_first_fit_decreasing_by_hand():
+    # Longest first: 5 (#0) opens row 0, 4 (#2) opens row 1, 3 (#1) fills row 0, 2 (#3) joins row 1.
+    assert first_fit_rows([5, 3, 4, 2], 8) == [[0, 1], [2, 3]]
+    # Plain first fit in input order needs 3 rows here ([3, 3], [4], [4]); decreasing needs 2: 4+3 twice.
+    assert first_fit_rows([3, 3, 4, 4], 7) == [[0, 2], [1, 3]]
+    assert first_fit_rows([8, 8], 8) == [[0], [1]]
+
+
+def test_sample_longer_than_a_row_is_refused_by_index():
+    with pytest.raises(SampleTooLongError, match="sample 1 has 9 tokens > max_tokens 8"):
+        first_fit_rows([3, 9], 8)
+
+
+def test_length_grouped_sampler_pads_less_and_covers_every_index_once():
+    lengths = [int(x) for x in np.random.default_rng(1).integers(20, 2000, size=203)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, group_batches=5, seed=3)
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    batches = sampler.batches()
+    assert sorted(list(sampler)) == list(range(len(lengths)))
+    assert all(len(b) == 8 for b in batches[:-1]) and len(batches[-1]) == 203 % 8
+    order = np.random.default_rng(2).permutation(len(lengths)).tolist()
+    random_batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+    assert padded_tokens(batches) < 0.8 * padded_tokens(random_batches)
+    assert list(sampler) == list(LengthGroupedSampler(lengths, 8, 5, seed=3))
+    sampler.set_epoch(1)
+    assert sampler.batches() != batches
