@@ -9,7 +9,13 @@ from tiny import tiny_mllm_config
 
 from rice_mllm.constants import IGNORE_INDEX
 from rice_mllm.data.collate import PaddingCollator
-from rice_mllm.data.packing import LengthGroupedSampler, PackingCollator, SampleTooLongError, first_fit_rows
+from rice_mllm.data.packing import (
+    LengthGroupedSampler,
+    PackedBatchSampler,
+    PackingCollator,
+    SampleTooLongError,
+    first_fit_rows,
+)
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 
@@ -142,21 +148,40 @@ def test_rows_reorder_images_with_their_samples(samples, processor):
     order = [i for row in rows for i in row]
     assert torch.equal(packed["image_sizes"], torch.cat([samples[i]["image_sizes"] for i in order]))
     assert torch.equal(packed["pixel_values"], torch.cat([samples[i]["pixel_values"] for i in order]))
+    for r, row in enumerate(rows):  # positions restart per sample, then once more for the padding segment
+        used = sum(lengths[i] for i in row)
+        expected = [torch.arange(lengths[i]) for i in row] + [torch.arange(packed["input_ids"].shape[1] - used)]
+        assert torch.equal(packed["position_ids"][r], torch.cat(expected))
     supervised = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)
     assert int((packed["labels"] != IGNORE_INDEX).sum()) == supervised
 
 
-def test_first_fit_decreasing_by_hand():
-    # Longest first: 5 (#0) opens row 0, 4 (#2) opens row 1, 3 (#1) fills row 0, 2 (#3) joins row 1.
+def test_first_fit_by_hand():
+    # 5 opens row 0, 3 fills it, 4 opens row 1, 2 joins it; then 3 and 3 share, each 4 needs its own row.
     assert first_fit_rows([5, 3, 4, 2], 8) == [[0, 1], [2, 3]]
-    # Plain first fit in input order needs 3 rows here ([3, 3], [4], [4]); decreasing needs 2: 4+3 twice.
-    assert first_fit_rows([3, 3, 4, 4], 7) == [[0, 2], [1, 3]]
-    assert first_fit_rows([8, 8], 8) == [[0], [1]]
+    assert first_fit_rows([3, 3, 4, 4], 7) == [[0, 1], [2], [3]]
+    assert first_fit_rows([4, 6, 3, 1], 7) == [[0, 2], [1, 3]]
+
+
+def test_packed_batch_sampler_fills_rows_and_keeps_every_sample():
+    lengths = [int(x) for x in np.random.default_rng(4).integers(10, 1000, size=97)]
+    sampler = PackedBatchSampler(lengths, max_tokens=1024, rows_per_batch=3, lookahead=16, seed=1)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(97))
+    for batch in batches:  # what the collator will build from these indices fits the planned rows
+        assert len(first_fit_rows([lengths[i] for i in batch], 1024)) <= 3
+    fill = sum(lengths) / (3 * 1024 * len(batches))
+    assert fill > 0.85, fill
+    assert batches == list(PackedBatchSampler(lengths, 1024, 3, 16, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
 
 
 def test_sample_longer_than_a_row_is_refused_by_index():
     with pytest.raises(SampleTooLongError, match="sample 1 has 9 tokens > max_tokens 8"):
         first_fit_rows([3, 9], 8)
+    with pytest.raises(SampleTooLongError, match="sample 2 has 10 tokens > max_tokens 8"):
+        PackedBatchSampler([3, 4, 10], max_tokens=8, rows_per_batch=2)
 
 
 def test_length_grouped_sampler_pads_less_and_covers_every_index_once():

@@ -1,4 +1,4 @@
-"""Padding-free packing: several processor samples per row, first-fit, never splitting a sample (or its images).
+"""Padding-free packing: several processor samples per row, first fit, never splitting a sample (or its images).
 
 A packed batch has no attention_mask; `position_ids` restart at 0 for every sample, and transformers' mask utilities
 (masking_utils.find_packed_sequence_indices) turn those restarts into per-sample causal blocks, so attention never
@@ -21,37 +21,41 @@ class SampleTooLongError(ValueError):
     """A sample does not fit in one packed row; it is refused rather than truncated (a cut could split an image)."""
 
 
+def _check_lengths(lengths: Sequence[int], max_tokens: int, indices: Sequence[int]) -> None:
+    for index in indices:
+        if lengths[index] > max_tokens:
+            raise SampleTooLongError(f"sample {index} has {lengths[index]} tokens > max_tokens {max_tokens}")
+
+
 def first_fit_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Pack sample lengths into rows of at most `max_tokens`, first-fit decreasing (ties keep input order).
+    """Pack samples, in the given order, into rows of at most `max_tokens`: each goes to the first row with room.
 
     Args:
         lengths: tokens per sample.
         max_tokens: row capacity.
 
     Returns:
-        Rows of sample indices; every index appears once, in input order within a row.
+        Rows of sample indices; every index appears once, ascending within a row.
 
     Raises:
         SampleTooLongError: naming the first sample longer than `max_tokens`.
     """
-    for index, length in enumerate(lengths):
-        if length > max_tokens:
-            raise SampleTooLongError(f"sample {index} has {length} tokens > max_tokens {max_tokens}")
+    _check_lengths(lengths, max_tokens, range(len(lengths)))
     rows: list[list[int]] = []
     free: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, space in enumerate(free) if space >= lengths[index]), None)
+    for index, length in enumerate(lengths):
+        row = next((r for r, space in enumerate(free) if space >= length), None)
         if row is None:
             rows.append([])
             free.append(max_tokens)
             row = len(rows) - 1
         rows[row].append(index)
-        free[row] -= lengths[index]
-    return [sorted(row) for row in rows]
+        free[row] -= length
+    return rows
 
 
 class PackingCollator:
-    """Packs processor samples into as few rows of `max_tokens` as first-fit finds, for training.
+    """Packs processor samples into rows of `max_tokens` by first fit in the order given, for training.
 
     Feed it the model directly: `model(**batch)`. Each sample keeps its tokens contiguous and its position ids
     0..len-1; the gap after the last sample of a row is one padding segment (its own position ids from 0, labels
@@ -111,6 +115,70 @@ class PackingCollator:
         return batch
 
 
+def _epoch_order(size: int, seed: int, epoch: int) -> tuple[random.Random, list[int]]:
+    rng = random.Random(f"{seed}-{epoch}")
+    order = list(range(size))
+    rng.shuffle(order)
+    return rng, order
+
+
+class PackedBatchSampler(Sampler[list[int]]):
+    """Cuts a shuffled epoch into steps that fill `rows_per_batch` rows of `max_tokens` (a DataLoader
+    `batch_sampler` for PackingCollator): each step takes, in order, every sample of the next `lookahead` that
+    still fits by first fit, so steps carry about the same number of tokens however long the samples are.
+    Deterministic per (seed, epoch); call `set_epoch` each epoch. The collator's first fit over a step's indices, in
+    the order given, rebuilds exactly the rows planned here.
+
+    Args:
+        lengths: tokens per dataset item.
+        max_tokens: row width, as given to PackingCollator; a longer sample raises SampleTooLongError.
+        rows_per_batch: rows per step (per rank).
+        lookahead: how many upcoming samples a step may pick from (bounds the planning cost).
+        seed: base seed.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], max_tokens: int, rows_per_batch: int, lookahead: int = 256, seed: int = 0
+    ) -> None:
+        _check_lengths(lengths, max_tokens, range(len(lengths)))
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.rows_per_batch = rows_per_batch
+        self.lookahead = lookahead
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's steps, each a list of dataset indices in collation order."""
+        order = _epoch_order(len(self.lengths), self.seed, self.epoch)[1]
+        batches: list[list[int]] = []
+        carried: list[int] = []  # skipped by earlier steps; never more than lookahead - 1 (a step takes >= 1)
+        cursor = 0
+        while carried or cursor < len(order):
+            window = carried + order[cursor : cursor + self.lookahead - len(carried)]
+            cursor += self.lookahead - len(carried)
+            free = [self.max_tokens] * self.rows_per_batch
+            taken, carried = [], []
+            for index in window:
+                row = next((r for r, space in enumerate(free) if space >= self.lengths[index]), None)
+                if row is None:
+                    carried.append(index)
+                else:
+                    free[row] -= self.lengths[index]
+                    taken.append(index)
+            batches.append(taken)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
 class LengthGroupedSampler(Sampler[int]):
     """Shuffles, then sorts each mega-batch of `batch_size * group_batches` samples by length (longest first), so
     batches hold similar lengths and padding shrinks; batches themselves are then shuffled. The padded alternative
@@ -137,9 +205,7 @@ class LengthGroupedSampler(Sampler[int]):
 
     def batches(self) -> list[list[int]]:
         """This epoch's batches of dataset indices (the last one may be short)."""
-        rng = random.Random(f"{self.seed}-{self.epoch}")
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
+        rng, order = _epoch_order(len(self.lengths), self.seed, self.epoch)
         batches = []
         for group_start in range(0, len(order), self.group_size):
             group = sorted(order[group_start : group_start + self.group_size], key=lambda i: -self.lengths[i])

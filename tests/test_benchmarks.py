@@ -1,0 +1,29 @@
+"""Smoke runs of the kit-vs-transformers benchmarks (scripts/bench_*.py) with --quick: they run, agree, print ratios."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # the scripts import their shared bench_common
+    return lambda name: runpy.run_path(str(SCRIPTS / f"{name}.py"), run_name=name)
+
+
+def test_train_benchmark_runs_with_equal_losses_and_prints_ratios(bench, capsys):
+    result = bench("bench_train")["main"](["--quick"])
+    out = capsys.readouterr().out
+    assert out.count("ratio vs transformers") == 4 and len(result["tokens_per_s"]) == 4
+    losses = list(result["loss"].values())  # transformers, kit padded, kit packed: same weights, same samples
+    assert max(losses) - min(losses) <= 1e-5, result["loss"]
+
+
+def test_generate_benchmark_runs_with_equal_tokens_and_prints_ratios(bench, capsys):
+    result = bench("bench_generate")["main"](["--quick"])
+    out = capsys.readouterr().out
+    assert "generations with different tokens: 0" in out
+    assert out.count("ratio vs transformers") == 4 and all(v["tokens_per_s"] > 0 for v in result.values())
