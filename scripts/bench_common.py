@@ -28,6 +28,8 @@ from rice_mllm.presets import load_preset
 # Tile 112 px / patch 14 gives 64 tokens per tile (576 at 336 px).
 SIZES = {
     "default": dict(tile=112, vision=(128, 512, 4, 2), llm=(256, 1408, 2, 4, 2)),
+    # Wider and shallower: attention is then a smaller share of a step, as in 7B models (see BENCHMARKS.md).
+    "wide": dict(tile=112, vision=(128, 512, 4, 2), llm=(512, 2816, 1, 8, 2)),
     "quick": dict(tile=56, vision=(32, 64, 3, 4), llm=(64, 128, 2, 4, 2)),
 }
 WORDS = "the a red blue green circle square star word left right top of and is with near big small two three".split()

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke run")
+    parser.add_argument("--size", choices=["default", "wide"], default="default", help="model size (bench_common)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument(
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    size, steps, batch_size = ("quick", 2, 3) if args.quick else ("default", args.steps, args.batch_size)
+    size, steps, batch_size = ("quick", 2, 3) if args.quick else (args.size, args.steps, args.batch_size)
     kit, processor = build_kit(size, args.seed)
     chats = make_chats(steps * batch_size, args.seed, max_side=200 if args.quick else 800)
     samples = [processor(messages, images) for messages, images in chats]
