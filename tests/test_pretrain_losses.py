@@ -111,7 +111,10 @@ def _rank_worker(rank, world, port, emb, centres, single_labels, multi_labels, o
         torch.set_num_threads(1)
         rows = [slice(0, 5), slice(5, emb.shape[0])][rank]  # uneven split on purpose
         results = {}
-        for name, cls, labels in [("single", ClusterMarginLoss, single_labels), ("multi", MultiLabelClusterLoss, multi_labels)]:
+        for name, cls, labels in [
+            ("single", ClusterMarginLoss, single_labels),
+            ("multi", MultiLabelClusterLoss, multi_labels),
+        ]:
             loss_fn = cls(centres.shape[0], emb.shape[1], scale=16.0, margin=0.3).double()
             start, end = shard_range(centres.shape[0], rank, world)
             assert loss_fn.weight.shape[0] == end - start

@@ -39,7 +39,7 @@ class _GatherWithGrad(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous())
         ctx.start, ctx.end = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -109,9 +109,7 @@ class _ClusterDiscriminationLoss(nn.Module):
         # This rank's rows of the [K, E] centre matrix; normalised at use, so the init scale is irrelevant.
         self.weight = nn.Parameter(torch.randn(self.class_end - self.class_start, embed_dim) * 0.01)
 
-    def _loss(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if embeddings.shape[0] != labels.shape[0]:
             raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} label rows")
         bad = (labels < -1) | (labels >= self.num_classes)
