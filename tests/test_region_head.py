@@ -3,9 +3,10 @@
 import math
 
 import torch
-from transformers import MLCDVisionConfig, MLCDVisionModel
 
+from rice_mllm.presets import load_preset
 from rice_mllm.pretrain.region_head import RegionHead, box_patch_masks, masked_attention_pool, region_features
+from rice_mllm.vision import RiceVisionConfig, RiceVisionModel
 
 
 def test_masks_hand_computed():
@@ -48,10 +49,7 @@ def test_pooling_equals_per_region_loop():
 
 
 def test_single_encoder_pass_serves_every_region():
-    config = MLCDVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14
-    )
-    encoder = MLCDVisionModel(config).eval()
+    encoder = RiceVisionModel(RiceVisionConfig(**load_preset("rice-vit-tiny"))).eval()  # 56 px, patch 14, D 32
     head = RegionHead(32, 8)
     pixels = torch.randn(2, 3, 56, 56)
     boxes = torch.tensor([[[0, 0, 28, 28], [14, 14, 56, 56], [30, 2, 40, 50]]] * 2, dtype=torch.float32)

@@ -22,6 +22,7 @@ from rice_mllm.pretrain.region_data import (
     resolve_image,
 )
 from rice_mllm.pretrain.region_head import region_features
+from rice_mllm.vision import RiceVisionConfig, RiceVisionModel
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +111,12 @@ def label_hash_features(labels: list[str], dim: int = 64) -> torch.Tensor:
 
 
 def load_teacher(path: str | Path) -> torch.nn.Module:
-    """A vision encoder dir whose output has CLS first: transformers (MLCD, CLIP vision, ...) or a kit checkpoint."""
-    from transformers import AutoModel  # heavy import, only for encoder teachers
+    """A vision encoder dir whose output has CLS first: a kit / MLCD / released RICE checkpoint (strictly loaded as
+    RiceVisionModel) or any other transformers vision model (AutoModel, e.g. CLIPVisionModel)."""
+    from transformers import AutoConfig, AutoModel  # heavy import, only for encoder teachers
 
+    if AutoConfig.from_pretrained(path).model_type == RiceVisionConfig.model_type:
+        return RiceVisionModel.from_pretrained(path).eval()
     return AutoModel.from_pretrained(path).eval()
 
 
