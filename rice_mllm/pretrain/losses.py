@@ -1,8 +1,6 @@
-"""Margin-based cluster discrimination losses of RICE stage 0 (DESIGN.md section 4), PartialFC-style.
+"""Margin-based cluster discrimination losses of RICE stage 0 (DESIGN.md section 4) with PartialFC negative sampling.
 
-Per region i with positive classes P_i and scored negatives N_i (cosines c on L2-normalised vectors):
-L_i = sum_{j in P_i} log(1 + exp(-s (c_ij - m))) + log(1 + sum_{j in N_i} exp(s c_ij)), averaged over valid regions.
-Class centres are sharded over ranks; the value on every rank is the loss of the global batch.
+Invariant: with centres sharded over ranks, loss and gradients equal the single-process loss of the global batch.
 """
 
 import math
@@ -99,7 +97,14 @@ def sample_classes(
 
 
 class _ClusterDiscriminationLoss(nn.Module):
-    """Shared maths of both losses; labels are [M, P] positive class ids padded with -1."""
+    """Shared maths of both losses; labels are [M, P] positive class ids padded with -1.
+
+    Per region i with positive classes P_i and scored negatives N_i (cosines c of L2-normalised vectors):
+    L_i = sum_{j in P_i} log(1 + exp(-s (c_ij - m))) + log(1 + sum_{j in N_i} exp(s c_ij)), averaged over valid
+    regions. The value on every rank is the loss of the global batch; backward gives each rank the exact gradient
+    of it for its own embeddings and centre rows. So DDP's averaging divides the encoder's gradient by the world
+    size, and the centres must stay out of DDP/ZeRO averaging (their rows differ per rank).
+    """
 
     def __init__(self, num_classes: int, embed_dim: int, scale: float, margin: float, sample_ratio: float) -> None:
         super().__init__()
@@ -129,18 +134,23 @@ class _ClusterDiscriminationLoss(nn.Module):
         index = sample_classes(local[in_shard], self.weight.shape[0], self.sample_ratio, generator)  # [S]
         centres = F.normalize(self.weight[index].to(dtype), dim=-1)  # [S, E]
         cosine = embeddings @ centres.T  # [M, S]
-        # positive[i, j]: sampled class j is a positive of region i.
+        # (row, sampled slot) of every positive in this shard; repeats within a row count once.
+        num_sample = index.numel()
         slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=labels.device)
-        slot[index] = torch.arange(index.numel(), device=labels.device)
-        positive = torch.zeros_like(cosine, dtype=torch.bool)
-        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-        positive[rows[in_shard], slot[local[in_shard]]] = True
-        positive_term = (F.softplus(-self.scale * (cosine - self.margin)) * positive).sum(dim=1)  # [M]
-        positive_term = _global(positive_term)
-        # log(1 + sum_neg exp(s c)) via a shared max, exact across shards.
-        logits = (self.scale * cosine).masked_fill(positive, float("-inf"))
-        shift = _global(logits.detach().amax(dim=1).clamp(min=0.0), op=dist.ReduceOp.MAX)  # [M]
-        neg_sum = _global(torch.exp(logits - shift[:, None]).sum(dim=1))  # [M]
+        slot[index] = torch.arange(num_sample, device=labels.device)
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[in_shard]
+        pairs = torch.unique(rows * num_sample + slot[local[in_shard]])
+        rows, cols = pairs // num_sample, pairs % num_sample
+        # Positives are few: gather their cosines instead of touching the whole [M, S] matrix.
+        positive_loss = F.softplus(-self.scale * (cosine[rows, cols] - self.margin))  # [Q]
+        positive_term = _global(positive_loss.new_zeros(labels.shape[0]).index_add(0, rows, positive_loss))  # [M]
+        # log(1 + sum_neg exp(s c)) from per-shard log-sum-exps and a shared shift, exact across shards.
+        logits = cosine * self.scale
+        # A finite floor, not -inf: a row whose scored classes are all positives must not produce NaN gradients.
+        logits[rows, cols] = torch.finfo(dtype).min
+        local_lse = torch.logsumexp(logits, dim=1)  # [M]
+        shift = _global(local_lse.detach().clamp(min=0.0), op=dist.ReduceOp.MAX)  # [M]
+        neg_sum = _global(torch.exp(local_lse - shift))  # [M]
         negative_term = shift + torch.log(torch.exp(-shift) + neg_sum)
         return ((positive_term + negative_term) * valid).sum() / num_valid
 
