@@ -1,5 +1,6 @@
 """Cluster discrimination losses against a naive per-region reference, PartialFC sampling, and 2-rank sharding."""
 
+import itertools
 import math
 import socket
 
@@ -105,16 +106,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SPLITS = [((0, 5), (5, 12)), ((0, 0), (0, 12))]  # rows of 12 per rank: uneven, and one rank with none
+
+
 def _rank_worker(rank, world, port, emb, centres, single_labels, multi_labels, out_dir):
     torch.set_num_threads(1)  # first, as DataLoader workers do: a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        rows = [slice(0, 5), slice(5, emb.shape[0])][rank]  # uneven split on purpose
         results = {}
-        for name, cls, labels in [
-            ("single", ClusterMarginLoss, single_labels),
-            ("multi", MultiLabelClusterLoss, multi_labels),
-        ]:
+        for (name, cls, labels), split in itertools.product(
+            [("single", ClusterMarginLoss, single_labels), ("multi", MultiLabelClusterLoss, multi_labels)], SPLITS
+        ):
+            rows = slice(*split[rank])
             loss_fn = cls(centres.shape[0], emb.shape[1], scale=16.0, margin=0.3).double()
             start, end = shard_range(centres.shape[0], rank, world)
             assert loss_fn.weight.shape[0] == end - start
@@ -123,7 +126,7 @@ def _rank_worker(rank, world, port, emb, centres, single_labels, multi_labels, o
             local = emb[rows].clone().requires_grad_()
             loss = loss_fn(local, labels[rows])
             loss.backward()
-            results[name] = (loss.detach(), local.grad, loss_fn.weight.grad)
+            results[name, split] = (loss.detach(), local.grad, loss_fn.weight.grad)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -144,9 +147,9 @@ def test_two_ranks_with_sharded_centres_equal_one_rank(tmp_path):
         full = emb.clone().requires_grad_()
         loss = loss_fn(full, lab)
         loss.backward()
-        for rank in range(2):
-            rank_loss, emb_grad, weight_grad = out[rank][name]
+        for rank, split in itertools.product(range(2), SPLITS):
+            rank_loss, emb_grad, weight_grad = out[rank][name, split]
             torch.testing.assert_close(rank_loss, loss.detach())
-            torch.testing.assert_close(emb_grad, full.grad[[slice(0, 5), slice(5, 12)][rank]])
+            torch.testing.assert_close(emb_grad, full.grad[slice(*split[rank])])
             start, end = shard_range(23, rank, 2)
             torch.testing.assert_close(weight_grad, loss_fn.weight.grad[start:end])
