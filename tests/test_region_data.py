@@ -168,3 +168,11 @@ def test_cli_check_and_convert(tmp_path, capsys):
         == 0
     )
     assert main(["check", str(out)]) == 0
+
+
+def test_dataset_reports_box_outside_image_at_load(tmp_path):
+    _image(tmp_path / "a.png")  # 100 x 50
+    record = {"image": "a.png", "objects": [{"box": [0, 0, 5, 5], "cluster": 0}, {"box": [0, 0, 5, 60], "cluster": 1}]}
+    dataset = RegionDataset(_write(tmp_path / "d.jsonl", [record]), image_size=28)
+    with pytest.raises(RegionDataError, match=r"d.jsonl:1: objects\[1\].box: box .* outside the 100x50 image"):
+        dataset[0]

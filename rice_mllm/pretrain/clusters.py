@@ -166,14 +166,78 @@ def _ocr_tokens(tokenizer_dir: str | Path, data_file: str, records: list[tuple[i
     return out
 
 
+def label_region_file(
+    data_file: str | Path,
+    out_file: str | Path,
+    teacher: str,
+    num_clusters: int,
+    tokenizer_dir: str | Path | None = None,
+    iters: int = 25,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> dict[str, int]:
+    """Write `out_file`: `data_file` with "cluster" on every object and "tokens" on every OCR region.
+
+    Args:
+        teacher: a vision encoder dir, or LABEL_HASH_TEACHER (tiny world; needs every object's "label").
+        num_clusters: K of k-means over the objects' teacher features.
+        tokenizer_dir: the LLM tokenizer; required when the data has OCR regions.
+        iters, seed: k-means settings. batch_size, device: teacher forward settings.
+
+    Returns:
+        Counts: images, objects, clusters (used), ocr.
+
+    Raises:
+        RegionDataError: every bad record (checked first, nothing is written then).
+    """
+    data_file = str(data_file)
+    issues = check_region_file(data_file, check_images=teacher != LABEL_HASH_TEACHER)
+    records = read_region_jsonl(data_file) if not issues else []
+    objects = [(line, i, o) for line, r in records for i, o in enumerate(r.get("objects", []))]
+    if teacher == LABEL_HASH_TEACHER:
+        issues += [
+            RegionIssue(data_file, line, f"objects[{i}].label", "the label-hash teacher needs a label")
+            for line, i, o in objects
+            if "label" not in o
+        ]
+    num_ocr = sum(len(r.get("ocr", [])) for _, r in records)
+    if num_ocr and tokenizer_dir is None:
+        issues.append(RegionIssue(data_file, 0, "ocr", f"{num_ocr} OCR regions need a tokenizer (--tokenizer)"))
+    if issues:
+        raise RegionDataError(issues)
+
+    if objects:
+        if teacher == LABEL_HASH_TEACHER:
+            features = label_hash_features([o["label"] for _, _, o in objects])
+        else:
+            features = encoder_region_features(load_teacher(teacher).to(device), data_file, records, batch_size)
+        features = features.to(device)
+        labels = assign_clusters(features, kmeans(features, num_clusters, iters=iters, seed=seed)).tolist()
+        for (_, _, region), cluster in zip(objects, labels, strict=True):
+            region["cluster"] = cluster
+    if num_ocr:
+        for (_, record), ids in zip(records, _ocr_tokens(tokenizer_dir, data_file, records), strict=True):
+            for region, region_ids in zip(record.get("ocr", []), ids, strict=True):
+                region["tokens"] = region_ids
+    out_dir = Path(out_file).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for _, record in records:
+        # Relative image paths are relative to the data file: re-anchor them to the output's folder.
+        if not Path(record["image"]).is_absolute():
+            record["image"] = os.path.relpath(resolve_image(data_file, record["image"]).resolve(), out_dir)
+    with open(out_file, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for _, record in records)
+    clusters = len({o["cluster"] for _, _, o in objects})
+    return {"images": len(records), "objects": len(objects), "clusters": clusters, "ocr": num_ocr}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Label a region JSONL: "cluster" on every object (k-means over teacher features), "tokens" on every OCR region."""
+    """CLI over `label_region_file`."""
     parser = argparse.ArgumentParser(prog="python -m rice_mllm.pretrain.clusters", description=__doc__)
     parser.add_argument("--data", required=True, help="region JSONL to label")
     parser.add_argument("--out", required=True, help="labelled JSONL (may equal --data)")
-    parser.add_argument(
-        "--teacher", required=True, help=f"a vision encoder dir, or {LABEL_HASH_TEACHER!r} (tiny world)"
-    )
+    parser.add_argument("--teacher", required=True, help=f"vision encoder dir, or {LABEL_HASH_TEACHER!r} (tiny world)")
     parser.add_argument("--num-clusters", type=int, required=True, help="K")
     parser.add_argument("--tokenizer", help="LLM tokenizer dir (needed when the data has OCR regions)")
     parser.add_argument("--iters", type=int, default=25)
@@ -181,50 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="images per teacher forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-
-    issues = check_region_file(args.data, check_images=args.teacher != LABEL_HASH_TEACHER)
-    records = read_region_jsonl(args.data) if not issues else []
-    objects = [(line, i, o) for line, r in records for i, o in enumerate(r.get("objects", []))]
-    if args.teacher == LABEL_HASH_TEACHER:
-        issues += [
-            RegionIssue(args.data, line, f"objects[{i}].label", "the label-hash teacher needs a label")
-            for line, i, o in objects
-            if "label" not in o
-        ]
-    has_ocr = any(r.get("ocr") for _, r in records)
-    if has_ocr and not args.tokenizer:
-        issues.append(RegionIssue(args.data, 0, "ocr", "data has OCR regions: pass --tokenizer"))
-    if issues:
-        raise RegionDataError(issues)
-
-    if args.teacher == LABEL_HASH_TEACHER:
-        features = label_hash_features([o["label"] for _, _, o in objects])
-    else:
-        teacher = load_teacher(args.teacher).to(args.device)
-        features = encoder_region_features(teacher, args.data, records, args.batch_size)
-    if objects:
-        features = features.to(args.device)
-        centres = kmeans(features, args.num_clusters, iters=args.iters, seed=args.seed)
-        labels = assign_clusters(features, centres).tolist()
-        for (_, _, region), cluster in zip(objects, labels, strict=True):
-            region["cluster"] = cluster
-    tokens = _ocr_tokens(args.tokenizer, args.data, records) if has_ocr else [[] for _ in records]
-    for (_, record), ids in zip(records, tokens, strict=True):
-        for region, region_ids in zip(record.get("ocr", []), ids, strict=True):
-            region["tokens"] = region_ids
-    out_dir = Path(args.out).resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for _, record in records:
-        # Relative image paths are relative to the data file: re-anchor them to the output's folder.
-        if not Path(record["image"]).is_absolute():
-            record["image"] = os.path.relpath(resolve_image(args.data, record["image"]).resolve(), out_dir)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for _, record in records)
-    used = len(set(r["cluster"] for _, _, r in objects))
-    print(
-        f"wrote {args.out}: {len(records)} images, {len(objects)} objects in {used} clusters, "
-        f"{sum(len(ids) for ids in tokens)} OCR regions"
+    counts = label_region_file(
+        args.data,
+        args.out,
+        args.teacher,
+        args.num_clusters,
+        args.tokenizer,
+        args.iters,
+        args.seed,
+        args.batch_size,
+        args.device,
     )
+    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
 

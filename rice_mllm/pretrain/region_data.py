@@ -222,6 +222,15 @@ class RegionDataset(torch.utils.data.Dataset):
             raise RegionDataError(
                 [RegionIssue(str(self.path), line, "image", f"cannot open {image_path}: {err}")]
             ) from err
+        # Bounds need the image size, which construction-time validation (no image I/O) did not have.
+        issues = [
+            RegionIssue(str(self.path), line, f"{kind}[{i}].box", problem)
+            for kind in ("objects", "ocr")
+            for i, region in enumerate(record.get(kind, []))
+            if (problem := _box_problem(region["box"], (width, height))) is not None
+        ]
+        if issues:
+            raise RegionDataError(issues)
         regions = [(OBJECT, r) for r in record.get("objects", [])] + [(OCR, r) for r in record.get("ocr", [])]
         generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
         n = self.num_regions
