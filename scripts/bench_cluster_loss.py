@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace, ratio: float, queue: mp.Queue) -> None:
         embeddings.grad = None
         loss_fn(embeddings, labels).backward()
 
-    # Baseline before any step: the peak then includes the dense centre gradient and the [M, S] logits.
+    # Baseline before any step (setup made no temporaries): the peak then includes the dense centre gradient and
+    # the [M, S] logits.
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -112,7 +112,7 @@ class _ClusterDiscriminationLoss(nn.Module):
         self.num_classes, self.scale, self.margin, self.sample_ratio = num_classes, scale, margin, sample_ratio
         self.class_start, self.class_end = shard_range(num_classes, rank, world)
         # This rank's rows of the [K, E] centre matrix; normalised at use, so the init scale is irrelevant.
-        self.weight = nn.Parameter(torch.randn(self.class_end - self.class_start, embed_dim) * 0.01)
+        self.weight = nn.Parameter(torch.randn(self.class_end - self.class_start, embed_dim).mul_(0.01))
 
     def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if embeddings.shape[0] != labels.shape[0]:
