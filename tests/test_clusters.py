@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, MLCDVisionConfig, MLCDVisionModel
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, MLCDVisionConfig, MLCDVisionModel
 
 from rice_mllm.pretrain.clusters import assign_clusters, kmeans, label_hash_features, main
 from rice_mllm.pretrain.region_data import RegionDataError, RegionDataset
@@ -78,17 +78,17 @@ def test_main_label_hash_teacher_and_tokens(tmp_path):
         main(args)
 
 
-def test_main_encoder_teacher(tmp_path):
+@pytest.mark.parametrize("family", ["mlcd", "clip"])
+def test_main_encoder_teacher(tmp_path, family):
     data, _ = _world(tmp_path, n_images=3)
-    config = MLCDVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14
-    )
-    MLCDVisionModel(config).save_pretrained(tmp_path / "teacher")
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28)
+    if family == "mlcd":  # kit / released RICE layout: loaded strictly as RiceVisionModel
+        MLCDVisionModel(MLCDVisionConfig(**sizes, patch_size=14)).save_pretrained(tmp_path / "teacher")
+    else:  # any transformers vision tower with CLS first
+        CLIPVisionModel(CLIPVisionConfig(**sizes, patch_size=7)).save_pretrained(tmp_path / "teacher")
     data.write_text("".join(json.dumps({**json.loads(x), "ocr": []}) + "\n" for x in data.read_text().splitlines()))
     out = tmp_path / "out.jsonl"
-    assert (
-        main(["--data", str(data), "--out", str(out), "--teacher", str(tmp_path / "teacher"), "--num-clusters", "4"])
-        == 0
-    )
+    args = ["--data", str(data), "--out", str(out), "--teacher", str(tmp_path / "teacher"), "--num-clusters", "4"]
+    assert main(args) == 0
     clusters = [o["cluster"] for line in out.read_text().splitlines() for o in json.loads(line)["objects"]]
     assert len(clusters) == 9 and set(clusters) == {0, 1, 2, 3}

@@ -58,7 +58,8 @@ def kmeans(
     """k-means centres of the rows of `features`.
 
     k-means++ init, then Lloyd iterations until no assignment changes (or `iters`). An emptied cluster is re-seeded
-    with the point farthest from its current centre, so all K centres stay in use.
+    with the point farthest from its current centre, so all K centres stay in use. The init makes K passes over the
+    data (O(K*M*E)): beyond ~1e4 centres use faiss.
 
     Args:
         features: [M, E] float; M >= num_clusters.
