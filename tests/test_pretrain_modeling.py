@@ -43,6 +43,8 @@ def test_every_parameter_gets_a_gradient_and_parts_add_up(batch):
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     # post_layernorm only feeds pooler_output, which the region losses do not use.
     assert all("post_layernorm" in name for name in missing), missing
+    assert model.sharded_parameter_names() == ["object_loss.weight", "ocr_loss.weight"]
+    assert model.object_loss.weight.shape == (5, 16) and model.ocr_loss.weight.shape == (12, 16)
 
 
 def test_loss_decreases_on_a_fixed_batch(batch):

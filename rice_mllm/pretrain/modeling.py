@@ -83,6 +83,11 @@ class RicePretrainModel(nn.Module):
         model.encoder = encoder
         return model
 
+    def sharded_parameter_names(self) -> list[str]:
+        """Names of the class-centre parameters, whose rows differ per rank: keep them out of DDP/ZeRO gradient
+        averaging and save them per rank (trainer state), unlike every other parameter."""
+        return [name for name, _ in self.named_parameters() if name.startswith(("object_loss.", "ocr_loss."))]
+
     def save_encoder(self, out_dir: str | Path) -> None:
         """Write the stage-0 artefact: the plain encoder in the MLCD layout (config.json + model.safetensors)."""
         self.encoder.save_pretrained(out_dir)
