@@ -66,8 +66,12 @@ def verify_checkpoint(model: nn.Module, shapes: dict[str, tuple[int, ...]], pref
         prefix: added to checkpoint keys that lack it (transformers saves MLCD without `vision_model.`).
     """
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    # Tied weights (an LM head sharing the embedding) appear once in named_parameters and may be saved once.
+    required = {name for name, _ in model.named_parameters()} | {
+        name for name in expected if name not in dict(model.named_parameters(remove_duplicate=False))
+    }
     found = {(key if key.startswith(prefix) else prefix + key): shape for key, shape in shapes.items()}
-    missing = sorted(expected.keys() - found.keys())
+    missing = sorted(required - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     mismatched = sorted(
         f"{key}: checkpoint {list(found[key])} vs model {list(expected[key])}"

@@ -16,4 +16,3 @@ class RiceVisionConfig(MLCDVisionConfig):
     divisible by `patch_size`), `patch_size`, `hidden_act`, `layer_norm_eps`, `rope_parameters["rope_theta"]`,
     `initializer_range`. Named presets live in `rice_mllm/presets/rice-vit-*.json`.
     """
-

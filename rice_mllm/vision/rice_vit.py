@@ -225,13 +225,18 @@ class RiceVisionModel(PreTrainedModel):
             init.normal_(module.class_pos_emb, std=module.class_pos_emb.shape[-1] ** -0.5)
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, **unused_kwargs
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        num_layers: int | None = None,
+        **unused_kwargs,
     ) -> RiceVisionOutput:
         """Encode images.
 
         Args:
             pixel_values: [B, 3, H, W], H and W divisible by `patch_size`, CLIP-normalised.
             output_hidden_states: also return the input of block 0 and every block's output.
+            num_layers: run only the first `num_layers` blocks (LLaVA reads layer -2: the last block is wasted work).
 
         Returns:
             RiceVisionOutput with `last_hidden_state` [B, 1 + H*W/p^2, D] and `pooler_output` [B, D].
@@ -247,7 +252,7 @@ class RiceVisionModel(PreTrainedModel):
             body.class_pos_emb,
         )
         all_states = [hidden_states] if output_hidden_states else None
-        for layer in body.encoder.layers:
+        for layer in body.encoder.layers[:num_layers]:
             hidden_states = layer(hidden_states, angles)
             if all_states is not None:
                 all_states.append(hidden_states)
