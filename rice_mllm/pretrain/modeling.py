@@ -40,8 +40,8 @@ class RegionPretrainConfig:
 
 @dataclass
 class RicePretrainOutput:
-    """loss = object_loss + ocr_loss_weight * ocr_loss (scalars, global-batch means); region counts of the global
-    batch are not needed by the caller, so only this rank's are given."""
+    """loss = object_loss + ocr_loss_weight * ocr_loss (scalars, means over the global batch); num_objects and
+    num_ocr count this rank's valid regions (for logging)."""
 
     loss: torch.Tensor
     object_loss: torch.Tensor
