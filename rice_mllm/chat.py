@@ -19,7 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .constants import IMAGE_TOKEN
-from .inference import CheckpointFormatError, answer, load_for_inference
+from .inference import CheckpointFormatError, answer, load_for_inference, quiet_transformers
 from .loading import CheckpointMismatchError
 from .mllm.chat_template import IM_END, IM_START
 from .mllm.processing import SampleTooLongError
@@ -270,14 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _quiet_transformers() -> None:
-    """Terminal use only: hide loading progress bars and advisory warnings (tests calling main keep them)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 if __name__ == "__main__":
-    _quiet_transformers()
+    quiet_transformers()
     raise SystemExit(main())

@@ -17,9 +17,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .data.sources import Conversation, load_conversations, open_images
-from .inference import answer_batch, load_for_inference
-from .mllm.processing import RiceMllmProcessor
+from .data.sources import Conversation, DataFormatError, ImageLoadError, load_conversations, open_images
+from .inference import CheckpointFormatError, answer_batch, load_for_inference, quiet_transformers
+from .mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError
 
 ALL_TYPES = "all"  # question_type of records that have none
 # Characters stripped from both ends before comparing: ASCII punctuation and whitespace ("Red." == "red").
@@ -123,6 +123,15 @@ def format_table(report: dict) -> str:
     return "\n".join([header, rule, *lines[:-1], rule, lines[-1]])
 
 
+def _check_renders(processor: RiceMllmProcessor, item: EvalItem, images: Sequence[Image.Image]) -> None:
+    """Token-side rendering of one item (cheap: no pixels), so a bad record is named before its batch runs."""
+    try:
+        sample = processor.encode(item.messages, [(image.height, image.width) for image in images], True)
+        processor.check_length(len(sample["input_ids"]))
+    except (ImagePlaceholderError, SampleTooLongError) as error:
+        raise EvalRecordError(f"{item.conversation.location}: {error}") from None
+
+
 def predict(
     model,
     processor: RiceMllmProcessor,
@@ -143,6 +152,7 @@ def predict(
             batch = []
             for item in items[start : start + batch_size]:
                 images = open_images(item.conversation) if blank is None else [blank] * len(item.conversation.images)
+                _check_renders(processor, item, images)
                 batch.append((item.messages, images))
             predictions += answer_batch(model, processor, batch, **generation)
             bar.update(len(batch))
@@ -199,4 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    quiet_transformers()
+    try:
+        main()
+    except (FileNotFoundError, DataFormatError, EvalRecordError, CheckpointFormatError, ImageLoadError) as error:
+        sys.exit(f"error: {error}")

@@ -57,6 +57,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def quiet_transformers() -> None:
+    """For command-line runs only: hide transformers' loading progress bars and advisory warnings (errors stay).
+
+    It changes transformers' global logging, so CLI modules call it under `__main__`, never from `main`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def check_checkpoint_dir(checkpoint: Path) -> None:
     """Raise CheckpointFormatError (saying what the directory is instead) unless it holds a kit checkpoint."""
     if not checkpoint.is_dir():
