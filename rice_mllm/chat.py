@@ -202,13 +202,16 @@ def handle_line(session: ChatSession, line: str) -> bool:
     return True
 
 
-def repl(session: ChatSession) -> None:
+def repl(session: ChatSession, header: str) -> None:
     """Read lines until /exit or end of input; refused input prints one `! reason` line and the chat goes on."""
     try:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
-    print("rice_mllm chat: type a message, /help for commands, /exit to leave.")
+    print(header)
+    if session.pending:
+        print(f"({len(session.pending)} image(s) attached to your first message)")
+    print("Type a message, /help for commands, /exit to leave.")
     while True:
         try:
             line = input(PROMPT)
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     for image in images:
         session.attach(image)
     if args.prompt is None:
-        repl(session)
+        quantised = ", 4-bit LLM" if args.load_4bit else ""
+        repl(session, f"rice_mllm chat: {model_dir} on {model.device} ({model.vision_tower.dtype}{quantised})")
         return 0
     try:
         print(session.ask(args.prompt))

@@ -110,7 +110,9 @@ def test_interactive_session_streams_generate_replies_and_survives_bad_input(kit
     argv = [sys.executable, "-m", "rice_mllm.chat", "--model", str(checkpoint), "--max-new-tokens", "6"]
     terminal = Terminal(argv, cwd=images)
     try:
-        assert terminal.read_until("you: ").endswith("/exit to leave.\r\nyou: ")
+        assert terminal.read_until("you: ").endswith(
+            "on cpu (torch.float32)\r\nType a message, /help for commands, /exit to leave.\r\nyou: "
+        )
         assert "no such image" in _one_line(terminal.exchange("/image missing.png"), "! ")
         assert "cannot read" in _one_line(terminal.exchange("/image corrupt.png"), "! ")
         assert "8000x8100" in _one_line(terminal.exchange("/image huge.png"), "! ")

@@ -142,7 +142,7 @@ def test_limit_takes_the_first_records(world):
 def test_blank_images_remove_what_the_images_show_and_their_size(world, tmp_path):
     data_file, checkpoint = world
     model, processor = load_for_inference(checkpoint, "cpu")
-    items = [eval_item(c) for c in load_conversations(data_file) if len(c.images) == 1]
+    items = [eval_item(c) for c in load_conversations(data_file) if len(c.images) == 1][:4]
     # The same questions over other images (of other sizes): each record gets the next record's image.
     shifted = [
         eval_item(Conversation(item.conversation.messages, nxt.conversation.images, "shifted", item.index, {}))
