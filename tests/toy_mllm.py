@@ -123,5 +123,5 @@ def toy_builders(n: int = 32, delay: float = 0.0) -> Builders:
     )
 
 
-if __name__ == "__main__":  # the trainer CLI on the toy world, for subprocess tests (TOY_DELAY: seconds/sample)
-    main(sys.argv[1:], toy_builders(delay=float(os.environ.get("TOY_DELAY", "0"))))
+if __name__ == "__main__":  # the trainer CLI on the toy world for subprocess tests (TOY_DELAY: seconds per sample)
+    main(sys.argv[1:], toy_builders(n=int(os.environ.get("TOY_SAMPLES", "32")), delay=float(os.environ.get("TOY_DELAY", "0"))))

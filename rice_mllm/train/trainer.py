@@ -184,8 +184,11 @@ def train(config: TrainConfig, builders: Builders = Builders()) -> str | None:
     while step < total_steps:
         epoch, done = divmod(step, steps_per_epoch)
         order = epoch_indices(len(dataset), o.seed, epoch)[done * micro * o.grad_accum :]
-        batches = iter(DataLoader(dataset, batch_size=micro, sampler=order, collate_fn=collate,
-                                  drop_last=True, num_workers=config.data.num_workers))
+        # a private generator: creating a loader iterator otherwise draws from the global RNG, so a resumed run
+        # (one extra iterator) would get other dropout masks than the uninterrupted one
+        batches = iter(DataLoader(dataset, batch_size=micro, sampler=order, collate_fn=collate, drop_last=True,
+                                  num_workers=config.data.num_workers,
+                                  generator=torch.Generator().manual_seed(o.seed + epoch)))
         for _ in range(steps_per_epoch - done):
             start, stats = time.perf_counter(), torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
             for _ in range(o.grad_accum):
