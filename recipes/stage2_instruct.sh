@@ -3,7 +3,8 @@
 # bash: relaunch this file through the deepspeed launcher, which runs it with python on every rank.
 # NUM_GPUS (default: all visible GPUs, or 1 process on CPU), NNODES, HOSTFILE, MASTER_PORT pass through.
 set -euo pipefail
-if command -v nvidia-smi >/dev/null 2>&1; then gpus="${NUM_GPUS:-$(nvidia-smi -L | wc -l)}"; else gpus="${NUM_GPUS:-1}"; fi
+gpus="${NUM_GPUS:-1}"
+if command -v nvidia-smi >/dev/null 2>&1; then gpus="${NUM_GPUS:-$(nvidia-smi -L | wc -l)}"; fi
 exec deepspeed --num_nodes "${NNODES:-1}" --num_gpus "$gpus" ${HOSTFILE:+--hostfile "$HOSTFILE"} \
   --master_port "${MASTER_PORT:-29500}" "$0" "$@"
 ":"""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,8 +29,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _toy_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.Popen([sys.executable, "-m", "tests.toy_mllm", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.toy_mllm", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
@@ -61,9 +68,14 @@ def test_resolve_model_dir_accepts_run_checkpoint_and_model_dirs(tmp_path):
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path):
-    main([f"output_dir={tmp_path}", "optim.max_steps=5", "save_steps=1", "save_total_limit=2", "optim.batch_size=2"],
-         toy_builders(n=16))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
+    main(
+        [f"output_dir={tmp_path}", "optim.max_steps=5", "save_steps=1", "save_total_limit=2", "optim.batch_size=2"],
+        toy_builders(n=16),
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-4",
+        "checkpoint-5",
+    ]
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
@@ -90,35 +102,60 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     a = ToyMllm.from_pretrained(Path(reference) / "model").state_dict()
     b = ToyMllm.from_pretrained(Path(resumed) / "model").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert not torch.equal(a["projector.linear_1.weight"], ToyMllm.from_pretrained(
-        run / "checkpoint-2" / "model").state_dict()["projector.linear_1.weight"])  # training did move the weights
+    assert not torch.equal(
+        a["projector.linear_1.weight"],
+        ToyMllm.from_pretrained(run / "checkpoint-2" / "model").state_dict()["projector.linear_1.weight"],
+    )  # training did move the weights
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_two_rank_zero3_matches_one_process_and_loads(tmp_path):
-    args = ["stage=stage2_instruct", "optim.max_steps=3", "save_steps=3", "optim.seed=1"]
+def test_two_rank_zero3_matches_one_process_resumes_and_loads(tmp_path):
+    args = ["stage=stage2_instruct", "optim.max_steps=3", "save_steps=2", "optim.seed=1", "resume=auto"]
     # two ranks x batch 2 see the same samples per step as one process x batch 4 (strided permutation)
     reference = main([f"output_dir={tmp_path / 'ref'}", "optim.batch_size=4", *args], toy_builders(n=16))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    expected = _losses(tmp_path / "ref")
     run = tmp_path / "zero3"
-    procs = [
-        _toy_cli([f"output_dir={run}", f"deepspeed={ZERO3}", "optim.batch_size=2", *args],
-                 {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                  "MASTER_PORT": port, "TOY_SAMPLES": "16"})
-        for r in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    expected, got = _losses(tmp_path / "ref"), _losses(run)
-    assert got.keys() == expected.keys()
-    for step in expected:
-        assert abs(got[step] - expected[step]) < 1e-4, (step, got[step], expected[step])
-    a = ToyMllm.from_pretrained(Path(reference) / "model").state_dict()
-    b = ToyMllm.from_pretrained(run / "checkpoint-3" / "model").state_dict()  # gathered ZeRO-3 weights, one process
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+    def two_ranks() -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        procs = [
+            _toy_cli(
+                [f"output_dir={run}", f"deepspeed={ZERO3}", "optim.batch_size=2", *args],
+                {
+                    "RANK": str(r),
+                    "LOCAL_RANK": str(r),
+                    "WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port,
+                    "TOY_SAMPLES": "16",
+                },
+            )
+            for r in range(2)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+        got = _losses(run)
+        assert got.keys() <= expected.keys() and 3 in got
+        for step in got:
+            assert abs(got[step] - expected[step]) < 1e-4, (step, got[step], expected[step])
+        a = ToyMllm.from_pretrained(Path(reference) / "model").state_dict()
+        b = ToyMllm.from_pretrained(run / "checkpoint-3" / "model").state_dict()  # gathered weights, one process
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+    two_ranks()
+    shutil.rmtree(run / "checkpoint-3")  # as if killed after step 2's save: resume from the partitioned state
+    (run / "metrics.jsonl").unlink()
+    two_ranks()
+    assert sorted(_losses(run)) == [3]
+
+
+def test_resume_with_another_batch_geometry_is_refused(tmp_path):
+    main([f"output_dir={tmp_path}", "optim.max_steps=2", "optim.batch_size=2"], toy_builders(n=8))
+    with pytest.raises(ValueError, match="samples/step"):
+        main([f"output_dir={tmp_path}", "optim.max_steps=2", "optim.batch_size=4", "resume=auto"], toy_builders(n=8))

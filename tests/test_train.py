@@ -11,6 +11,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
 
 from rice_mllm.train.config import TrainConfig, load_config, save_config
 from rice_mllm.train.engine import load_deepspeed_config
@@ -22,6 +23,7 @@ from tests.toy_mllm import ToyDataset, ToyMllm, ToyMllmConfig, collate, toy_buil
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["stage1_align", "stage2_instruct", "finetune_lora"]
+ZERO2 = ROOT / "recipes" / "ds_zero2.json"
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -31,8 +33,17 @@ def _losses(run_dir: Path) -> dict[int, float]:
 # ---- config ----
 def test_yaml_and_typed_overrides(tmp_path):
     (tmp_path / "r.yaml").write_text("stage: lora\noptim:\n  epochs: 2\n  bf16: true\ndeepspeed: ds.json\n")
-    cfg = load_config(tmp_path / "r.yaml", ["optim.max_steps=7", "optim.warmup_ratio=1e-2", "optim.bf16=false",
-                                            "data.train_files=a.jsonl,b.jsonl", "resume=none", "save_total_limit=3"])
+    cfg = load_config(
+        tmp_path / "r.yaml",
+        [
+            "optim.max_steps=7",
+            "optim.warmup_ratio=1e-2",
+            "optim.bf16=false",
+            "data.train_files=a.jsonl,b.jsonl",
+            "resume=none",
+            "save_total_limit=3",
+        ],
+    )
     assert (cfg.stage, cfg.optim.epochs, cfg.optim.max_steps, cfg.optim.warmup_ratio) == ("lora", 2, 7, 0.01)
     assert cfg.optim.bf16 is False and cfg.resume is None and cfg.save_total_limit == 3
     assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
@@ -76,14 +87,17 @@ def test_deepspeed_optimizer_block_is_refused_and_autos_filled(tmp_path):
 def test_deepspeed_zero2_losses_equal_plain_torch(tmp_path):
     args = ["optim.max_steps=4", "save_steps=100", "optim.batch_size=2", "optim.grad_accum=2"]
     main([f"output_dir={tmp_path / 'torch'}", *args], toy_builders(n=16))
-    main([f"output_dir={tmp_path / 'ds'}", f"deepspeed={ROOT / 'recipes' / 'ds_zero2.json'}", *args],
-         toy_builders(n=16))
+    main([f"output_dir={tmp_path / 'ds'}", f"deepspeed={ZERO2}", *args], toy_builders(n=16))
     expected, got = _losses(tmp_path / "torch"), _losses(tmp_path / "ds")
     assert expected.keys() == got.keys() == {1, 2, 3, 4}
     assert all(abs(expected[s] - got[s]) < 1e-5 for s in expected)
 
 
-@pytest.mark.parametrize("mode", [["stage=lora"], [f"deepspeed={ROOT / 'recipes' / 'ds_zero2.json'}"]])
+@pytest.mark.parametrize(
+    "mode",
+    [["stage=lora"], [f"deepspeed={ZERO2}"], ["stage=lora", f"deepspeed={ROOT / 'recipes' / 'ds_zero3.json'}"]],
+    ids=["lora-torch", "zero2", "lora-zero3"],
+)
 def test_resume_from_an_earlier_checkpoint_replays_the_same_losses(tmp_path, mode):
     args = [f"output_dir={tmp_path}", "optim.max_steps=5", "save_steps=2", "optim.batch_size=2", "resume=auto", *mode]
     main(args, toy_builders(n=12))
@@ -94,14 +108,21 @@ def test_resume_from_an_earlier_checkpoint_replays_the_same_losses(tmp_path, mod
     main(args, toy_builders(n=12))
     got = _losses(tmp_path)
     assert sorted(got) == [3, 4, 5]
+    if "stage=lora" in mode:  # the adapter was saved with real values (ZeRO-3: gathered, not empty placeholders)
+        adapter = load_file(tmp_path / "checkpoint-5" / "model" / "adapter_model.safetensors")
+        assert adapter and all(t.numel() > 0 for t in adapter.values())
+        assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
     assert all(abs(got[s] - expected[s]) < 1e-4 for s in got), (got, expected)
 
 
 # ---- LoRA ----
 def test_lora_targets_only_llm_linear_layers():
     model = ToyMllm(ToyMllmConfig())
-    llm_linear = {n for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.Linear) and n.startswith("language_model.") and not n.endswith("lm_head")}
+    llm_linear = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("language_model.") and not n.endswith("lm_head")
+    }
     assert any(n.endswith("q_proj") for n, _ in model.vision_tower.named_modules())  # the pitfall exists
     peft_model = inject_lora(model, get_stage("lora").lora)
     wrapped = {n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
@@ -109,8 +130,12 @@ def test_lora_targets_only_llm_linear_layers():
     groups = apply_stage(peft_model, get_stage("lora"))
     trainable = {n for n, p in peft_model.get_base_model().named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if "lora_" in n or n.startswith(("projector.", "image_newline"))}
-    assert {g["name"]: g["lr"] for g in groups} == {"lora": 2e-4, "projector": 2e-5,
-                                                   "projector_no_decay": 2e-5, "newline_no_decay": 2e-5}
+    assert {g["name"]: g["lr"] for g in groups} == {
+        "lora": 2e-4,
+        "projector": 2e-5,
+        "projector_no_decay": 2e-5,
+        "newline_no_decay": 2e-5,
+    }
 
 
 def test_qlora_quantizes_the_llm_and_trains_adapters():
@@ -129,18 +154,18 @@ def test_qlora_quantizes_the_llm_and_trains_adapters():
 
 
 def test_lora_train_then_merge_gives_a_plain_model_with_equal_logits(tmp_path):
-    run = main([f"output_dir={tmp_path / 'run'}", "stage=lora", "optim.max_steps=3", "optim.batch_size=2"],
-               toy_builders(n=8))
+    run = main(
+        [f"output_dir={tmp_path / 'run'}", "stage=lora", "optim.max_steps=3", "optim.batch_size=2"], toy_builders(n=8)
+    )
     model_dir = Path(run) / "model"
     assert {"adapter_model.safetensors", "non_lora_trainables.safetensors", "base_model.json"} <= {
-        p.name for p in model_dir.iterdir()}
+        p.name for p in model_dir.iterdir()
+    }
     merge_main([run, str(tmp_path / "merged")], toy_builders())
     merged = ToyMllm.from_pretrained(tmp_path / "merged").eval()
     base = ToyMllm.from_pretrained(tmp_path / "run" / "base_model").eval()
     batch = collate([ToyDataset()[i] for i in range(2)])
     # independent reference: base weights + B @ A * alpha / r added by hand, projector copied from the checkpoint
-    from safetensors.torch import load_file
-
     adapter = load_file(model_dir / "adapter_model.safetensors")
     trained = load_file(model_dir / "non_lora_trainables.safetensors")
     spec = get_stage("lora").lora
@@ -170,10 +195,11 @@ def test_recipe_launchers_are_identical_and_configs_load():
 
 
 def _print_config(command: list[str]) -> dict:
-    out = subprocess.run(command + ["--print-config", "optim.epochs=4"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        command + ["--print-config", "optim.epochs=4"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout[out.stdout.index("{\n"): out.stdout.rindex("}") + 1])
+    return json.loads(out.stdout[out.stdout.index("{\n") : out.stdout.rindex("}") + 1])
 
 
 def test_recipe_runs_as_python():

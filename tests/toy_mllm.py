@@ -12,8 +12,14 @@ import time
 
 import torch
 from torch import nn
-from transformers import MLCDVisionConfig, MLCDVisionModel, PretrainedConfig, PreTrainedModel, Qwen2Config
-from transformers import Qwen2ForCausalLM
+from transformers import (
+    MLCDVisionConfig,
+    MLCDVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from rice_mllm.train.checkpoint import resolve_model_dir
@@ -32,12 +38,22 @@ class ToyMllmConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.image_token_id = IMAGE_TOKEN_ID
         self.vision_config = vision_config or dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            image_size=IMAGE, patch_size=14,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE,
+            patch_size=14,
         )
         self.text_config = text_config or dict(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
         )
 
 
@@ -124,4 +140,7 @@ def toy_builders(n: int = 32, delay: float = 0.0) -> Builders:
 
 
 if __name__ == "__main__":  # the trainer CLI on the toy world for subprocess tests (TOY_DELAY: seconds per sample)
-    main(sys.argv[1:], toy_builders(n=int(os.environ.get("TOY_SAMPLES", "32")), delay=float(os.environ.get("TOY_DELAY", "0"))))
+    main(
+        sys.argv[1:],
+        toy_builders(n=int(os.environ.get("TOY_SAMPLES", "32")), delay=float(os.environ.get("TOY_DELAY", "0"))),
+    )

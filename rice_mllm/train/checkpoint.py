@@ -112,8 +112,9 @@ def save_checkpoint(
         (tmp / "trainer_state").mkdir(parents=True)
     barrier()
     state_dict = full_state_dict(engine)  # collective under ZeRO-3
-    engine.save_checkpoint(str(tmp / "trainer_state"), tag=_ENGINE_TAG, exclude_frozen_parameters=True,
-                           save_latest=False)
+    engine.save_checkpoint(
+        str(tmp / "trainer_state"), tag=_ENGINE_TAG, exclude_frozen_parameters=True, save_latest=False
+    )
     torch.save(_rng_state(), tmp / "trainer_state" / f"rng_rank{rank()}.pt")
     if rank() == 0:
         if lora_base is not None:
@@ -151,10 +152,17 @@ def load_checkpoint(engine, path: str | os.PathLike) -> dict:
     with open(path / "trainer_state" / "state.json") as f:
         progress = json.load(f)
     if progress["world_size"] != world_size():
-        raise ValueError(f"{path}: saved with {progress['world_size']} ranks, now {world_size()}: exact resume "
-                         f"needs the same count (start a new run with model.init_from={path} instead)")
-    engine.load_checkpoint(str(path / "trainer_state"), tag=_ENGINE_TAG, load_module_strict=False,
-                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        raise ValueError(
+            f"{path}: saved with {progress['world_size']} ranks, now {world_size()}: exact resume "
+            f"needs the same count (start a new run with model.init_from={path} instead)"
+        )
+    engine.load_checkpoint(
+        str(path / "trainer_state"),
+        tag=_ENGINE_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
     rng = torch.load(path / "trainer_state" / f"rng_rank{rank()}.pt", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

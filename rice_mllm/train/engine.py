@@ -56,8 +56,13 @@ def init_distributed() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)}.items():
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }.items():
             os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend=backend)
 
@@ -85,7 +90,7 @@ def load_deepspeed_config(config: TrainConfig) -> dict:
     }
     for key, value in filled.items():
         if ds.get(key, "auto") not in ("auto", value):
-            raise ValueError(f"{config.deepspeed}: {key}={ds[key]} disagrees with the config ({value}); use \"auto\"")
+            raise ValueError(f'{config.deepspeed}: {key}={ds[key]} disagrees with the config ({value}); use "auto"')
         ds[key] = value
     # bf16 blocks say "auto": the kit's flag decides (fp16 is not offered: its loss scaling breaks exact resume)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": o.bf16}
@@ -93,7 +98,7 @@ def load_deepspeed_config(config: TrainConfig) -> dict:
 
     def find_auto(node: object, path: str) -> None:
         if node == "auto":
-            raise ValueError(f"{config.deepspeed}: {path} is \"auto\" but the kit fills only {sorted(filled)}")
+            raise ValueError(f'{config.deepspeed}: {path} is "auto" but the kit fills only {sorted(filled)}')
         if isinstance(node, dict):
             for k, v in node.items():
                 find_auto(v, f"{path}.{k}" if path else k)
@@ -135,8 +140,12 @@ class TorchEngine:
     def save_checkpoint(self, save_dir: str, tag: str, **_) -> None:
         """Trainable parameters, optimizer and scheduler (frozen weights come from the model build)."""
         trainable = {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
-        state = {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
-                 "lr_scheduler": self.lr_scheduler.state_dict(), "micro_steps": self.micro_steps}
+        state = {
+            "trainable": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "micro_steps": self.micro_steps,
+        }
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         torch.save(state, os.path.join(save_dir, tag, "engine_state.pt"))
 

@@ -51,8 +51,13 @@ def quantize_4bit(module: nn.Module) -> None:
 
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear) and name != "lm_head":
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4")
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+            )
             q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
@@ -70,8 +75,13 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
     """
     if spec.load_in_4bit:
         quantize_4bit(getattr(model, PARTS[spec.target]))
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                     target_modules=lora_target_regex(model, spec), bias="none")
+    cfg = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=lora_target_regex(model, spec),
+        bias="none",
+    )
     return get_peft_model(model, cfg)
 
 

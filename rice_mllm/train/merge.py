@@ -15,7 +15,7 @@ from torch import nn
 from .checkpoint import resolve_model_dir
 from .config import load_config
 from .lora import BASE_FILE, NON_LORA_FILE, load_lora_dir, lora_base_dir
-from .trainer import Builders, set_seed
+from .trainer import DEFAULT_BUILDERS, Builders, set_seed
 
 _ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", NON_LORA_FILE, BASE_FILE}
 
@@ -30,7 +30,7 @@ def _parity_batch(model: nn.Module, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def merge(checkpoint: str, output_dir: str, builders: Builders = Builders(), rtol: float = 1e-4) -> float:
+def merge(checkpoint: str, output_dir: str, builders: Builders = DEFAULT_BUILDERS, rtol: float = 1e-4) -> float:
     """Load base + adapter + trained non-LoRA parts, merge, check logits, save a plain model dir.
 
     Args:
@@ -67,7 +67,7 @@ def merge(checkpoint: str, output_dir: str, builders: Builders = Builders(), rto
     return diff
 
 
-def main(argv: list[str] | None = None, builders: Builders = Builders()) -> None:
+def main(argv: list[str] | None = None, builders: Builders = DEFAULT_BUILDERS) -> None:
     parser = argparse.ArgumentParser(prog="python -m rice_mllm.train.merge", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="LoRA checkpoint dir, its model/ dir, or a run dir")
     parser.add_argument("output_dir")

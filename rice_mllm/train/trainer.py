@@ -31,7 +31,7 @@ from .checkpoint import clean_incomplete, find_resume_checkpoint, load_checkpoin
 from .config import TrainConfig, load_config, save_config
 from .engine import build_engine, device, init_distributed, rank, world_size
 from .lora import inject_lora
-from .stages import apply_stage, get_stage, parameter_table, unwrap
+from .stages import apply_stage, get_stage, parameter_table
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class Builders:
     model: Callable[[TrainConfig], nn.Module] = build_model
     dataset: Callable[[TrainConfig, Any], Dataset] = build_dataset
     collator: Callable[[TrainConfig, Any], Callable] = build_collator
+
+
+DEFAULT_BUILDERS = Builders()
 
 
 def set_seed(seed: int) -> None:
@@ -114,8 +117,13 @@ class _Logger:
     def log(self, step: int, loss: float, lrs: list[float], tokens_per_s: float, epoch: int) -> None:
         if rank() != 0:
             return
-        record = {"step": step, "epoch": epoch, "loss": loss, "tokens_per_s": tokens_per_s,
-                  "lr": dict(zip(self.names, lrs))}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "tokens_per_s": tokens_per_s,
+            "lr": dict(zip(self.names, lrs, strict=True)),
+        }
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.writer.add_scalar("train/loss", loss, step)
@@ -132,7 +140,7 @@ class _Logger:
             self.file.close()
 
 
-def train(config: TrainConfig, builders: Builders = Builders()) -> str | None:
+def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | None:
     """Run one training stage end to end (every rank calls it).
 
     Returns:
@@ -165,17 +173,26 @@ def train(config: TrainConfig, builders: Builders = Builders()) -> str | None:
     per_rank = len(dataset) // world_size()
     steps_per_epoch = per_rank // (o.batch_size * o.grad_accum)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples on {world_size()} ranks give no full step of "
-                         f"batch_size={o.batch_size} x grad_accum={o.grad_accum}")
+        raise ValueError(
+            f"{len(dataset)} samples on {world_size()} ranks give no full step of "
+            f"batch_size={o.batch_size} x grad_accum={o.grad_accum}"
+        )
     unused = per_rank - steps_per_epoch * o.batch_size * o.grad_accum
     if unused:
         logger.warning("%d samples per rank per epoch do not fill a step and are not used", unused)
     total_steps = o.max_steps if o.max_steps is not None else o.epochs * steps_per_epoch
     engine = build_engine(model, groups, config, total_steps)
 
-    step = 0
+    step, samples_per_step = 0, o.batch_size * o.grad_accum * world_size()
     if resume is not None:
-        step = load_checkpoint(engine, resume)["step"]
+        saved = load_checkpoint(engine, resume)
+        # the data position is a step count: it only means the same samples under the same batch geometry
+        if (saved["samples_per_step"], saved["total_steps"]) != (samples_per_step, total_steps):
+            raise ValueError(
+                f"{resume}: saved with {saved['samples_per_step']} samples/step and {saved['total_steps']} steps, "
+                f"now {samples_per_step} and {total_steps}: exact resume needs the same batch geometry and schedule"
+            )
+        step = saved["step"]
         logger.info("resumed from %s at step %d", resume, step)
     log = _Logger(config, [g["name"] for g in groups])
     bar = tqdm(total=total_steps, initial=step, disable=rank() != 0, desc=config.stage)
@@ -186,29 +203,47 @@ def train(config: TrainConfig, builders: Builders = Builders()) -> str | None:
         order = epoch_indices(len(dataset), o.seed, epoch)[done * micro * o.grad_accum :]
         # a private generator: creating a loader iterator otherwise draws from the global RNG, so a resumed run
         # (one extra iterator) would get other dropout masks than the uninterrupted one
-        batches = iter(DataLoader(dataset, batch_size=micro, sampler=order, collate_fn=collate, drop_last=True,
-                                  num_workers=config.data.num_workers,
-                                  generator=torch.Generator().manual_seed(o.seed + epoch)))
+        batches = iter(
+            DataLoader(
+                dataset,
+                batch_size=micro,
+                sampler=order,
+                collate_fn=collate,
+                drop_last=True,
+                num_workers=config.data.num_workers,
+                generator=torch.Generator().manual_seed(o.seed + epoch),
+            )
+        )
         for _ in range(steps_per_epoch - done):
-            start, stats = time.perf_counter(), torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
+            # loss sum and token count, on the device because NCCL reduces only device tensors
+            start, stats = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=dev)
             for _ in range(o.grad_accum):
                 batch = _to_device(next(batches), dev)
                 loss = engine(**batch).loss
                 engine.backward(loss)
                 engine.step()
-                stats += torch.tensor([loss.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+                stats += torch.stack([loss.detach().double(), batch["attention_mask"].sum().double()])
             if world_size() > 1:
                 torch.distributed.all_reduce(stats)
             step += 1
             mean_loss = stats[0].item() / (o.grad_accum * world_size())
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} at step {step} (epoch {epoch})")
-            log.log(step, mean_loss, engine.lr_scheduler.get_last_lr(), stats[1].item() / (time.perf_counter() - start),
-                    epoch)
+            log.log(
+                step,
+                mean_loss,
+                engine.lr_scheduler.get_last_lr(),
+                stats[1].item() / (time.perf_counter() - start),
+                epoch,
+            )
             bar.update(1)
-            progress = {"step": step, "epoch": step // steps_per_epoch,
-                        "samples_in_epoch": (step % steps_per_epoch) * micro * o.grad_accum * world_size(),
-                        "total_steps": total_steps}
+            progress = {
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "samples_in_epoch": (step % steps_per_epoch) * samples_per_step,
+                "samples_per_step": samples_per_step,
+                "total_steps": total_steps,
+            }
             if step % config.save_steps == 0 or step == total_steps:
                 save_checkpoint(engine, config, progress, processor, lora_base)
                 last_saved = step
@@ -220,12 +255,17 @@ def train(config: TrainConfig, builders: Builders = Builders()) -> str | None:
     return final if rank() == 0 else None
 
 
-def main(argv: list[str] | None = None, builders: Builders = Builders()) -> str | None:
+def main(argv: list[str] | None = None, builders: Builders = DEFAULT_BUILDERS) -> str | None:
     """`python -m rice_mllm.train --config recipes/X.yaml [a.b=value ...]`."""
     parser = argparse.ArgumentParser(prog="python -m rice_mllm.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe; keys not given keep their defaults")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; LOCAL_RANK is read from the environment")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; LOCAL_RANK is read from the environment",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, typed by the config fields")
     args = parser.parse_intermixed_args(argv)
@@ -234,6 +274,8 @@ def main(argv: list[str] | None = None, builders: Builders = Builders()) -> str 
         print(json.dumps(dataclasses.asdict(config), indent=1))
         return None
     # the process group does not exist yet: the launcher's RANK tells which process logs
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     return train(config, builders)
