@@ -71,7 +71,7 @@ def test_missing_part_is_an_error():
 def test_parameter_table_counts():
     model = ToyMllm(ToyMllmConfig())
     apply_stage(model, get_stage("stage1_align"))
-    rows = {line.split()[0]: line.split()[1:] for line in parameter_table(model).splitlines()[1:]}
+    rows = {line.split()[0]: line.split()[1:] for line in parameter_table(model).splitlines()[1:-1]}
     projector = sum(p.numel() for p in model.projector.parameters())
     llm = sum(p.numel() for p in model.language_model.parameters())
     total = sum(p.numel() for p in model.parameters())

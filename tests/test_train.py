@@ -93,10 +93,23 @@ def test_deepspeed_zero2_losses_equal_plain_torch(tmp_path):
     assert all(abs(expected[s] - got[s]) < 1e-5 for s in expected)
 
 
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    args = ["stage=stage2_instruct", "optim.max_steps=2", "optim.batch_size=2", "save_steps=100"]
+    main([f"output_dir={tmp_path / 'plain'}", *args], toy_builders(n=8))
+    main([f"output_dir={tmp_path / 'ckpt'}", "model.gradient_checkpointing=true", *args], toy_builders(n=8))
+    expected, got = _losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")
+    assert all(abs(expected[s] - got[s]) < 1e-5 for s in (1, 2))
+
+
 @pytest.mark.parametrize(
     "mode",
-    [["stage=lora"], [f"deepspeed={ZERO2}"], ["stage=lora", f"deepspeed={ROOT / 'recipes' / 'ds_zero3.json'}"]],
-    ids=["lora-torch", "zero2", "lora-zero3"],
+    [
+        pytest.param(["stage=lora"], id="lora-torch"),
+        pytest.param([f"deepspeed={ZERO2}"], id="zero2"),
+        pytest.param(
+            ["stage=lora", f"deepspeed={ROOT / 'recipes' / 'ds_zero3.json'}"], id="lora-zero3", marks=pytest.mark.slow
+        ),
+    ],
 )
 def test_resume_from_an_earlier_checkpoint_replays_the_same_losses(tmp_path, mode):
     args = [f"output_dir={tmp_path}", "optim.max_steps=5", "save_steps=2", "optim.batch_size=2", "resume=auto", *mode]

@@ -62,6 +62,7 @@ class ToyMllm(PreTrainedModel):
 
     config_class = ToyMllmConfig
     base_model_prefix = ""
+    supports_gradient_checkpointing = True
     _no_split_modules = []
 
     def __init__(self, config: ToyMllmConfig):

@@ -140,7 +140,7 @@ def apply_stage(
 
 
 def parameter_table(model: nn.Module) -> str:
-    """A text table of trainable / total parameters per part (ZeRO-3 partitioned sizes counted in full)."""
+    """A table of trainable / total parameters per part (ZeRO-3 partitioned sizes counted in full) and a memory line."""
 
     def count(named: list[tuple[str, nn.Parameter]]) -> tuple[int, int]:
         sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for _, p in named]
@@ -157,4 +157,11 @@ def parameter_table(model: nn.Module) -> str:
     rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
     lines = [f"{'part':<12}{'trainable':>14}{'total':>14}"]
     lines += [f"{name:<12}{train:>14,}{total:>14,}" for name, train, total in rows]
+    weights = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    # per trainable parameter: fp32 gradient + two fp32 AdamW moments (+ an fp32 master copy under bf16 ZeRO)
+    states = rows[-1][1] * (4 + 8)
+    lines.append(
+        f"memory before activations and ZeRO sharding: weights {weights / 2**30:.2f} GiB + "
+        f"grads/AdamW {states / 2**30:.2f} GiB"
+    )
     return "\n".join(lines)

@@ -157,6 +157,9 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
     set_seed(config.optim.seed)
     processor = builders.processor(config)
     model = builders.model(config)
+    if config.model.gradient_checkpointing:
+        # non-reentrant: the reentrant variant drops gradients when the checkpointed inputs are frozen (LoRA, stage 1)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_base = None
     if stage.lora is not None:
         lora_base = config.model.init_from or os.path.join(config.output_dir, "base_model")
