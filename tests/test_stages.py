@@ -25,13 +25,14 @@ def test_stage1_changes_only_projector_and_newline():
     assert changed == _names_under(model, ("projector.", "image_newline"))
 
 
-def test_stage2_with_optional_vision_changes_everything_but_unused_vision_head():
+def test_stage2_with_optional_vision_changes_everything_but_the_unused_parameters():
     model = ToyMllm(ToyMllmConfig())
-    changed = _changed_after_step(model, apply_stage(model, get_stage("stage2_instruct"), ["vision"]))
-    expected = _names_under(model, ("projector.", "image_newline", "language_model.", "vision_tower."))
-    # the toy uses last_hidden_state, so the pooled head gets no gradient (AdamW then only decays it: wd=0)
-    expected -= _names_under(model, ("vision_tower.post_layernorm",))
-    assert changed == expected
+    groups = apply_stage(model, get_stage("stage2_instruct"), ["vision"], weight_decay=0.1)
+    changed = _changed_after_step(model, groups)
+    unused = _names_under(model, ("vision_tower.post_layernorm.",))  # the toy never reaches the pooled-CLS norm
+    assert unused and unused == set(model.unused_parameter_names())
+    assert changed == _names_under(model, ("projector.", "image_newline", "language_model.", "vision_tower.")) - unused
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in unused)  # frozen, so wd can't move it
 
 
 def test_stage2_without_optional_keeps_vision_frozen():
@@ -47,11 +48,16 @@ def test_groups_carry_stage_lrs_and_no_decay_on_vectors():
     by_id = {id(p): g for g in groups for p in g["params"]}
     expected_lr = {"vision_tower": 2e-6, "projector": 1e-5, "language_model": 1e-5}
     for name, p in model.named_parameters():
+        if name in model.unused_parameter_names():
+            continue
         top = name.split(".")[0]
         lr = expected_lr.get(top, 1e-5)  # image_newline: 1e-5
         assert by_id[id(p)]["lr"] == lr, name
         assert by_id[id(p)]["weight_decay"] == (0.0 if p.ndim == 1 else 0.1), name
     assert len(by_id) == sum(len(g["params"]) for g in groups)  # no parameter in two groups
+    assert set(model.state_dict()) - {n for n, p in model.named_parameters() if id(p) in by_id} == set(
+        model.unused_parameter_names()
+    )
 
 
 def test_unknown_stage_and_optional_part_name_the_valid_ones():

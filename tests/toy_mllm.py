@@ -78,6 +78,10 @@ class ToyMllm(PreTrainedModel):
         self.language_model = Qwen2ForCausalLM(text)
         self.post_init()
 
+    def unused_parameter_names(self) -> list[str]:
+        """The pooled-CLS norm: forward uses last_hidden_state only (the real model has the same method)."""
+        return [n for n, _ in self.named_parameters() if n.startswith("vision_tower.post_layernorm.")]
+
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 

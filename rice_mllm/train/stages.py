@@ -95,6 +95,7 @@ def apply_stage(
 ) -> list[dict]:
     """Freeze the whole model, unfreeze the stage's parts, and build optimizer parameter groups.
 
+    Parameters listed by the model's `unused_parameter_names()` (if it has one) stay frozen.
     With a LoRA stage the adapters (parameters named `lora_` inside the LoRA target part) train at the
     LoRA lr and the rest of that part stays frozen.
 
@@ -117,7 +118,13 @@ def apply_stage(
     lrs = dict(stage.train) | {p: stage.optional[p] for p in optional_parts}
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = [(part, lr, part_parameters(model, part)) for part, lr in lrs.items()]
+    # the model names parameters the loss never reaches (vision blocks past the feature layer): training them would
+    # leave ZeRO/DDP waiting for gradients, and weight decay would still move them, so they stay frozen
+    unused = set(getattr(unwrap(model), "unused_parameter_names", list)())
+    chosen = [
+        (part, lr, [(n, p) for n, p in part_parameters(model, part) if f"{PARTS[part]}.{n}".rstrip(".") not in unused])
+        for part, lr in lrs.items()
+    ]
     if stage.lora is not None:
         adapters = [(n, p) for n, p in part_parameters(model, stage.lora.target) if "lora_" in n]
         if not adapters:
