@@ -1,0 +1,218 @@
+"""Data doctor: open every image and render every sample; report each bad record by file, index and reason.
+
+Checks: schema, missing / corrupt images, placeholder vs image counts, no supervised token, over-length,
+plus token-length statistics. Invariant: every record is either rendered or listed as a problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from rice_mllm.constants import IGNORE_INDEX
+from rice_mllm.data.sources import (
+    Conversation,
+    CorruptImageError,
+    DataFormatError,
+    MissingImageError,
+    conversation_from_raw,
+    iter_raw_records,
+    open_image,
+    parse_record,
+)
+from rice_mllm.mllm.anyres import AnyresGeometry, make_grid_pinpoints
+from rice_mllm.mllm.image_processing import RiceImageProcessor
+from rice_mllm.mllm.processing import (
+    ImagePlaceholderError,
+    RiceMllmProcessor,
+    SampleTooLongError,
+    add_image_token,
+    count_placeholders,
+)
+
+# Tokenizer used when neither --processor nor --tokenizer is given (None: one of them is required).
+DEFAULT_TOKENIZER: str | None = None
+GEOMETRY_DEFAULTS = {"tile_size": 336, "patch_size": 14, "max_tiles": 4}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect of one record (index None: the whole source)."""
+
+    source: str
+    index: int | None
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        where = self.source if self.index is None else f"{self.source} record {self.index}"
+        return f"{where}: {self.kind}: {self.detail}"
+
+
+@dataclass
+class DataReport:
+    """What a check found: problems, and token lengths of every rendered record."""
+
+    records: int = 0
+    images: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"checked {self.records} records with {self.images} images: {len(self.problems)} problem(s)"]
+        lines += [f"  {kind}: {count}" for kind, count in sorted(Counter(p.kind for p in self.problems).items())]
+        if self.lengths:
+            ordered = sorted(self.lengths)
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            lines.append(
+                f"tokens per sample: min {ordered[0]}, mean {statistics.fmean(ordered):.1f}, "
+                f"median {statistics.median(ordered):g}, p95 {p95}, max {ordered[-1]}"
+            )
+        return "\n".join(lines)
+
+
+def check_conversation(conversation: Conversation, processor: RiceMllmProcessor, report: DataReport) -> None:
+    """Check one record and add its problems and token length to `report`."""
+
+    def problem(kind: str, detail: str) -> None:
+        report.problems.append(Problem(conversation.source, conversation.index, kind, detail))
+
+    report.records += 1
+    report.images += len(conversation.images)
+    sizes = []
+    for image_index, image in enumerate(conversation.images):
+        try:
+            opened = open_image(image, f"image {image_index}")
+            sizes.append((opened.height, opened.width))
+        except MissingImageError as error:
+            problem("missing image", str(error))
+        except CorruptImageError as error:
+            problem("corrupt image", str(error))
+    placeholders, images = count_placeholders(conversation.messages), len(conversation.images)
+    if placeholders != images:
+        problem("placeholder mismatch", f"{placeholders} <image> placeholder(s) but {images} image(s)")
+        return
+    if len(sizes) != images:
+        return  # token count needs every image's size
+    try:
+        sample = processor.encode(conversation.messages, sizes)
+    except (ImagePlaceholderError, ValueError, TypeError) as error:
+        problem("unrenderable", str(error))
+        return
+    length = len(sample["input_ids"])
+    report.lengths.append(length)
+    if not (sample["labels"] != IGNORE_INDEX).any():
+        problem("no supervised token", "no assistant reply to learn from")
+    try:
+        processor.check_length(length)
+    except SampleTooLongError as error:
+        problem("too long", str(error))
+
+
+def check_records(
+    records: Iterable[Conversation | Problem], processor: RiceMllmProcessor, report: DataReport, progress: bool = True
+) -> DataReport:
+    """Check records (a Problem in the stream is a record that failed to parse) into `report`."""
+    for record in tqdm(records, desc="data check", unit="rec", disable=not progress):
+        if isinstance(record, Problem):
+            report.records += 1
+            report.problems.append(record)
+        else:
+            check_conversation(record, processor, report)
+    return report
+
+
+def _parsed_file(path: Path) -> list[Conversation | Problem]:
+    parsed: list[Conversation | Problem] = []
+    for raw in iter_raw_records(path):
+        try:
+            parsed.append(conversation_from_raw(raw, path))
+        except DataFormatError as error:
+            parsed.append(Problem(str(path), raw.index, "bad record", str(error)))
+    return parsed
+
+
+def _parsed_dataset(path: Path) -> list[Conversation | Problem]:
+    import datasets  # only this source needs it
+
+    parsed: list[Conversation | Problem] = []
+    for index, row in enumerate(datasets.load_from_disk(str(path))):
+        try:
+            parsed.append(parse_record(dict(row), str(path), index, path))
+        except DataFormatError as error:
+            parsed.append(Problem(str(path), index, "bad record", str(error)))
+    return parsed
+
+
+def check_source(path: str | Path, processor: RiceMllmProcessor, report: DataReport, progress: bool = True) -> None:
+    """Check a LLaVA .json / .jsonl file, or a folder written by `datasets.Dataset.save_to_disk`."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            records = _parsed_dataset(path)
+        elif path.is_file():
+            records = _parsed_file(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    except (DataFormatError, OSError) as error:
+        report.problems.append(Problem(str(path), None, "unreadable source", str(error)))
+        return
+    check_records(records, processor, report, progress)
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `data check`: the sources, and flags that build the processor whose rendering is checked."""
+    parser.add_argument("files", nargs="+", help=".json / .jsonl LLaVA files or datasets.save_to_disk folders")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--processor", help="folder written by RiceMllmProcessor.save_pretrained")
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder or hub id (no --processor)")
+    parser.add_argument("--tile-size", type=int, help=f"without --processor; default {GEOMETRY_DEFAULTS['tile_size']}")
+    parser.add_argument(
+        "--patch-size", type=int, help=f"without --processor; default {GEOMETRY_DEFAULTS['patch_size']}"
+    )
+    parser.add_argument(
+        "--max-tiles", type=int, help=f"grids of at most this many tiles; default {GEOMETRY_DEFAULTS['max_tiles']}"
+    )
+    parser.add_argument("--max-grid-tiles", type=int, help="OneVision anyres_max_K token budget (default: none)")
+    parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (overrides the processor's)")
+
+
+def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
+    """A saved processor (--processor), or one made from --tokenizer and the geometry flags."""
+    geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles")}
+    if args.processor:
+        given = sorted(f"--{key.replace('_', '-')}" for key, value in geometry_flags.items() if value is not None)
+        given += ["--tokenizer"] if args.tokenizer not in (None, DEFAULT_TOKENIZER) else []
+        if given:
+            raise SystemExit(f"data check: {given} conflict with --processor, whose saved geometry is used")
+        processor = RiceMllmProcessor.from_pretrained(args.processor)
+        if args.max_length is not None:
+            processor.max_length = args.max_length
+        return processor
+    if not args.tokenizer:
+        raise SystemExit("data check: give --processor DIR or --tokenizer DIR")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    add_image_token(tokenizer)
+    flags = {key: GEOMETRY_DEFAULTS.get(key) if value is None else value for key, value in geometry_flags.items()}
+    pinpoints = make_grid_pinpoints(flags["tile_size"], flags["max_tiles"])
+    geometry = AnyresGeometry(flags["tile_size"], flags["patch_size"], pinpoints, flags["max_grid_tiles"])
+    return RiceMllmProcessor(tokenizer, RiceImageProcessor(geometry), max_length=args.max_length)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Check every source in args.files, print problems and the summary; 1 if any problem, else 0."""
+    processor = build_processor(args)
+    report = DataReport()
+    for path in args.files:
+        check_source(path, processor, report, progress=not args.no_progress)
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 1 if report.problems else 0

@@ -1,0 +1,182 @@
+"""Conversation records from LLaVA JSON / JSONL files and Hugging Face datasets.
+
+LLaVA schema: {"id", "image": str | [str], "conversations": [{"from": "human"|"gpt"|"system", "value"}], ...};
+image paths are relative to the data file's folder. Invariant: every error names the file, record and field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+# LLaVA speaker names -> chat roles; role names themselves are accepted too (ShareGPT-style exports).
+SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataFormatError(ValueError):
+    """A record does not follow the LLaVA conversation schema."""
+
+
+class ImageLoadError(OSError):
+    """An image of a record cannot be used."""
+
+
+class MissingImageError(ImageLoadError):
+    """The image file does not exist."""
+
+
+class CorruptImageError(ImageLoadError):
+    """The image file exists but cannot be decoded."""
+
+
+@dataclass
+class Conversation:
+    """One training sample.
+
+    Attributes:
+        messages: [{"role": "system"|"user"|"assistant", "content": str}].
+        images: resolved paths, or decoded images when the source (a HF dataset) holds pixels.
+        source: data file (or dataset name) the record came from.
+        index: 0-based record index in the source.
+        metadata: every other field of the record (e.g. "id", "question_type").
+    """
+
+    messages: list[dict[str, str]]
+    images: list[Path | Image.Image]
+    source: str
+    index: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def location(self) -> str:
+        return f"{self.source} record {self.index}"
+
+
+def parse_record(record: Any, source: str, index: int, image_root: Path | None) -> Conversation:
+    """Turn one raw LLaVA record into a Conversation; raises DataFormatError naming the field."""
+    where = f"{source} record {index}"
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected an object, got {type(record).__name__}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataFormatError(f"{where}: 'conversations' must be a non-empty list, got {turns!r:.80}")
+    messages = []
+    for turn_index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataFormatError(f"{where}: conversations[{turn_index}] must be an object")
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker not in SPEAKERS:
+            raise DataFormatError(
+                f"{where}: conversations[{turn_index}].from is {speaker!r}, expected one of {sorted(SPEAKERS)}"
+            )
+        if not isinstance(value, str):
+            raise DataFormatError(f"{where}: conversations[{turn_index}].value must be a string, got {value!r:.80}")
+        messages.append({"role": SPEAKERS[speaker], "content": value})
+    images = record.get("image")
+    if images is None:
+        images = []
+    elif isinstance(images, (str, Image.Image)):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(image, (str, Image.Image)) for image in images):
+        raise DataFormatError(f"{where}: 'image' must be a path, a list of paths or absent, got {images!r:.80}")
+    resolved = [image if isinstance(image, Image.Image) else _resolve(image, image_root) for image in images]
+    metadata = {key: value for key, value in record.items() if key not in ("conversations", "image")}
+    return Conversation(messages, resolved, source, index, metadata)
+
+
+def _resolve(path: str, image_root: Path | None) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() or image_root is None else image_root / path
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One undecoded record: its index and JSON value, or the decoding error (a bad JSONL line)."""
+
+    index: int
+    value: Any = None
+    error: str | None = None
+
+
+def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
+    """Records of a .json (list) or .jsonl file; an unreadable .json file raises DataFormatError.
+
+    For JSONL the index is the 0-based line number (blank lines are counted, not yielded), and a bad
+    line becomes a RawRecord with `error` set, so a checker can go on to the next line.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for line_index, line in enumerate(handle):
+                if not line.strip():
+                    continue
+                try:
+                    yield RawRecord(line_index, json.loads(line))
+                except json.JSONDecodeError as error:
+                    yield RawRecord(line_index, error=f"{path} record {line_index} (line {line_index + 1}): {error}")
+    elif path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{path}: bad JSON: {error}") from error
+        if not isinstance(records, list):
+            kind = type(records).__name__
+            raise DataFormatError(f"{path}: a .json data file must hold a list of records, got {kind}")
+        yield from (RawRecord(index, value) for index, value in enumerate(records))
+    else:
+        raise DataFormatError(f"{path}: unknown data file type {path.suffix!r}; use .json or .jsonl")
+
+
+def conversation_from_raw(raw: RawRecord, path: Path) -> Conversation:
+    """Parse a RawRecord of `path` (images relative to its folder); raises DataFormatError."""
+    if raw.error is not None:
+        raise DataFormatError(f"bad JSON in {raw.error}")
+    return parse_record(raw.value, str(path), raw.index, path.parent)
+
+
+def load_conversations(path: str | Path) -> list[Conversation]:
+    """All records of a LLaVA .json / .jsonl file; image paths resolved against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    return [conversation_from_raw(raw, path) for raw in iter_raw_records(path)]
+
+
+def conversations_from_dataset(
+    dataset, image_root: str | Path | None = None, name: str = "dataset"
+) -> list[Conversation]:
+    """Records of a `datasets.Dataset` with LLaVA columns ("conversations", optional "image", extras).
+
+    Args:
+        dataset: rows with the LLaVA fields; "image" may hold paths or decoded PIL images (datasets' Image).
+        image_root: folder that relative image paths are resolved against (None: as given).
+        name: how errors name this source.
+    """
+    root = None if image_root is None else Path(image_root)
+    return [parse_record(dict(row), name, index, root) for index, row in enumerate(dataset)]
+
+
+def open_image(image: Path | Image.Image, where: str) -> Image.Image:
+    """Fully decode one image as RGB; `where` names it in MissingImageError / CorruptImageError."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not image.is_file():
+        raise MissingImageError(f"{where} {image}: file not found")
+    try:
+        with Image.open(image) as handle:
+            # convert() forces a full decode, so truncated files fail here, not in a training worker.
+            return handle.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise CorruptImageError(f"{where} {image}: cannot decode: {error}") from error
+
+
+def open_images(conversation: Conversation) -> list[Image.Image]:
+    """All images of a record, decoded as RGB, in placeholder order."""
+    return [
+        open_image(image, f"{conversation.location}: image {index}") for index, image in enumerate(conversation.images)
+    ]

@@ -1,0 +1,236 @@
+"""The embedded tiny world on disk: images, stage-0 region JSONL, stage-1 captions and stage-2 QA in LLaVA JSON.
+
+`python -m rice_mllm.data.synthetic --out DIR --seed 0 --num-images N`. Invariant: the same arguments give
+byte-identical files; train and held-out images come from disjoint random streams (the split name is in every seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rice_mllm.constants import IMAGE_TOKEN
+from rice_mllm.data.synthetic_scene import DEFAULT_WORLD, Scene, WorldConfig, render_scene, sample_scene
+from rice_mllm.data.synthetic_text import (
+    CAPTION_PROMPTS,
+    caption,
+    conversation,
+    question_turns,
+    supported_question_types,
+    text_only_turn,
+    two_image_turn,
+)
+
+SPLITS: tuple[str, ...] = ("train", "heldout")
+MANIFEST = "manifest.json"
+TEXT_ONLY_FRACTION = 0.05  # text-only and two-image records, per image of the split (at least one each)
+TWO_IMAGE_FRACTION = 0.05
+
+
+def split_files(split: str) -> dict[str, str]:
+    """File names (relative to the output folder) written for a split: images folder, regions, captions, qa."""
+    return {
+        "images": f"images/{split}",
+        "regions": f"regions_{split}.jsonl",
+        "captions": f"captions_{split}.json",
+        "qa": f"qa_{split}.json",
+    }
+
+
+def _rng(seed: int, split: str, *tags: object) -> random.Random:
+    # String seeds go through SHA-512 in `random.seed`, so streams are stable across processes and PYTHONHASHSEED.
+    return random.Random("/".join(map(str, ("rice_mllm.synthetic", seed, split, *tags))))
+
+
+@dataclass
+class SplitRecords:
+    """Scenes of a split and the records phrased about them (no pixels: see `render_scene`)."""
+
+    split: str
+    scenes: list[Scene]
+    image_paths: list[str]
+    captions: list[dict] = field(default_factory=list)
+    qa: list[dict] = field(default_factory=list)
+
+
+def build_split(
+    seed: int, split: str, num_images: int, config: WorldConfig = DEFAULT_WORLD, qa_per_image: int = 3
+) -> SplitRecords:
+    """Sample a split's scenes and phrase its caption and QA records.
+
+    Args:
+        seed: base seed; with the split name and image index it seeds every random stream.
+        split: split name, used in seeds, record ids and image paths.
+        num_images: number of scenes.
+        config: scene sampler knobs.
+        qa_per_image: QA records per image, each of a different question type (fewer if the scene supports fewer).
+
+    Returns:
+        The scenes, their image paths (relative to the output folder) and the records, in a fixed order:
+        per-image records by image index, then text-only records, then two-image records.
+    """
+    if num_images < 1 or qa_per_image < 0:
+        raise ValueError(f"need num_images >= 1 and qa_per_image >= 0, got {num_images}, {qa_per_image}")
+    folder = split_files(split)["images"]
+    records = SplitRecords(split, [], [])
+    for index in range(num_images):
+        scene = sample_scene(_rng(seed, split, index, "scene"), config)
+        path = f"{folder}/{index:06d}.png"
+        records.scenes.append(scene)
+        records.image_paths.append(path)
+        rng = _rng(seed, split, index, "text")
+        prompt = f"{IMAGE_TOKEN}\n{rng.choice(CAPTION_PROMPTS)}"
+        records.captions.append(
+            {
+                "id": f"{split}-{index:06d}-caption",
+                "image": path,
+                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption(scene)}],
+            }
+        )
+        kinds = supported_question_types(scene)
+        for kind in rng.sample(kinds, min(qa_per_image, len(kinds))):
+            records.qa.append(
+                {
+                    "id": f"{split}-{index:06d}-{kind}",
+                    "image": path,
+                    "conversations": conversation(question_turns(scene, kind, rng), num_images=1),
+                    "question_type": kind,
+                }
+            )
+    rng = _rng(seed, split, "mixed")
+    for index in range(math.ceil(TEXT_ONLY_FRACTION * num_images)):
+        turn = text_only_turn(rng)
+        records.qa.append(
+            {"id": f"{split}-text-{index:06d}", "conversations": conversation([turn], 0), "question_type": "text"}
+        )
+    for index in range(math.ceil(TWO_IMAGE_FRACTION * num_images) if num_images >= 2 else 0):
+        first, second = rng.sample(range(num_images), 2)
+        turn = two_image_turn(records.scenes[first], records.scenes[second], rng)
+        records.qa.append(
+            {
+                "id": f"{split}-pair-{index:06d}",
+                "image": [records.image_paths[first], records.image_paths[second]],
+                "conversations": conversation([turn], 2),
+                "question_type": "multi_image",
+            }
+        )
+    return records
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_split(out_dir: Path, records: SplitRecords, progress: bool = False) -> None:
+    """Render a split's images as PNG and write its region JSONL, caption JSON and QA JSON under `out_dir`."""
+    names = split_files(records.split)
+    (out_dir / names["images"]).mkdir(parents=True, exist_ok=True)
+    lines = []
+    pairs = zip(records.scenes, records.image_paths, strict=True)
+    for scene, path in tqdm(pairs, total=len(records.scenes), desc=records.split, disable=not progress):
+        rendered = render_scene(scene)
+        # No pnginfo and a fixed compression level: the bytes depend on pixels and zlib only (no timestamps).
+        rendered.image.save(out_dir / path, format="PNG", compress_level=6)
+        boxes = zip(scene.objects, rendered.object_boxes, strict=True)
+        objects = [{"box": list(box), "label": obj.label} for obj, box in boxes]
+        ocr = [] if scene.word is None else [{"box": list(rendered.word_box), "text": scene.word.text}]
+        lines.append(json.dumps({"image": path, "objects": objects, "ocr": ocr}))
+    (out_dir / names["regions"]).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_json(out_dir / names["captions"], records.captions)
+    _write_json(out_dir / names["qa"], records.qa)
+
+
+def _arguments(seed: int, num_images: int, num_heldout: int, config: WorldConfig, qa_per_image: int) -> dict:
+    arguments = {"seed": seed, "num_images": num_images, "num_heldout": num_heldout, "qa_per_image": qa_per_image}
+    return arguments | asdict(config)
+
+
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_images: int = 256,
+    num_heldout: int = 64,
+    config: WorldConfig = DEFAULT_WORLD,
+    qa_per_image: int = 3,
+    progress: bool = False,
+) -> dict:
+    """Write the tiny world: both splits, then the manifest (last, so its presence marks a complete world).
+
+    Args:
+        out_dir: output folder (created; existing files of the same names are overwritten).
+        seed: base seed.
+        num_images: train images.
+        num_heldout: held-out images (unseen: drawn from other random streams than train).
+        config: scene sampler knobs.
+        qa_per_image: QA records per image.
+        progress: show a tqdm bar per split.
+
+    Returns:
+        The manifest written to `out_dir/manifest.json`: {"generator", "args", "splits": {split: {"images", "regions",
+        "captions", "qa", "num_images", "num_qa"}}}, file names relative to `out_dir`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not leave a manifest vouching for old files
+    arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image)
+    manifest: dict = {"generator": __name__, "args": arguments, "splits": {}}
+    for split, count in zip(SPLITS, (num_images, num_heldout), strict=True):
+        records = build_split(seed, split, count, config, qa_per_image)
+        write_split(out, records, progress)
+        manifest["splits"][split] = {**split_files(split), "num_images": count, "num_qa": len(records.qa)}
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def ensure_generated(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_images: int = 256,
+    num_heldout: int = 64,
+    config: WorldConfig = DEFAULT_WORLD,
+    qa_per_image: int = 3,
+    progress: bool = False,
+) -> dict:
+    """`generate` unless `out_dir/manifest.json` already records these exact arguments; returns the manifest.
+
+    Not safe to call from several processes at once: in distributed runs call it on rank 0, then barrier.
+    """
+    path = Path(out_dir) / MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest.get("args") == _arguments(seed, num_images, num_heldout, config, qa_per_image):
+            return manifest
+    return generate(out_dir, seed, num_images, num_heldout, config, qa_per_image, progress)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: generate the tiny world into --out."""
+    parser = argparse.ArgumentParser(prog="python -m rice_mllm.data.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=256, help="train images")
+    parser.add_argument("--num-heldout", type=int, default=64, help="held-out (unseen) images")
+    parser.add_argument("--qa-per-image", type=int, default=3)
+    parser.add_argument("--min-side", type=int, default=DEFAULT_WORLD.min_side)
+    parser.add_argument("--max-side", type=int, default=DEFAULT_WORLD.max_side)
+    parser.add_argument("--max-objects", type=int, default=DEFAULT_WORLD.max_objects)
+    parser.add_argument("--word-prob", type=float, default=DEFAULT_WORLD.word_prob)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = WorldConfig(args.min_side, args.max_side, args.max_objects, args.word_prob)
+    manifest = generate(
+        args.out, args.seed, args.num_images, args.num_heldout, config, args.qa_per_image, not args.no_progress
+    )
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['num_images']} images, {info['num_qa']} QA records -> {args.out}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Language of the embedded tiny world: captions and question-answer turns phrased from a `Scene`.
+
+Invariant: every answer is a single exact string read off the scene (a colour, a shape, a digit string, a position
+name, a word, "first" / "second"), so exact-match evaluation is meaningful; questions name only unique referents.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from rice_mllm.constants import IMAGE_TOKEN
+from rice_mllm.data.synthetic_scene import COLOURS, SHAPE_PLURALS, SHAPES, Scene, SceneObject
+
+# Record-level `question_type` values. "text" records carry no image, "multi_image" records carry two.
+QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "reading", "text", "multi_image")
+IMAGE_QUESTION_TYPES: tuple[str, ...] = QUESTION_TYPES[:5]
+CAPTION_PROMPTS: tuple[str, ...] = ("Describe the image briefly.", "What is in the image?", "Give a short caption.")
+MULTI_TURN_PROB = 0.3
+MAX_TURNS = 3
+
+Turn = tuple[str, str]  # (question, answer)
+
+_SHAPE_FACTS: tuple[Turn, ...] = (
+    ("How many sides does a triangle have?", "3"),
+    ("How many sides does a square have?", "4"),
+    ("How many sides does a diamond have?", "4"),
+    ("How many points does a star have?", "5"),
+)
+_PREPOSITIONS = {"left": "on the", "right": "on the", "center": "in the"}
+
+
+def _where(obj: SceneObject) -> str:
+    return f"{_PREPOSITIONS.get(obj.position, 'at the')} {obj.position}"
+
+
+def reading_order(scene: Scene) -> list[SceneObject]:
+    """Objects sorted top-to-bottom, left-to-right by grid cell (cells are distinct, so the order is total)."""
+    return sorted(scene.objects, key=lambda obj: (obj.row, obj.col))
+
+
+def caption(scene: Scene) -> str:
+    """One-sentence caption naming every object with its position, then the word if any.
+
+    e.g. "A red circle at the top left, an orange square in the center and the word 'cat'."
+    """
+    parts = [f"{'an' if obj.label[0] in 'aeiou' else 'a'} {obj.label} {_where(obj)}" for obj in reading_order(scene)]
+    if scene.word is not None:
+        parts.append(f"the word '{scene.word.text}'")
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def _colour_turns(scene: Scene, rng: random.Random) -> list[Turn]:
+    shapes = [obj.shape for obj in scene.objects]
+    templates = ("What colour is the {}?", "Which colour is the {}?")
+    return [
+        (rng.choice(templates).format(obj.shape), obj.colour) for obj in scene.objects if shapes.count(obj.shape) == 1
+    ]
+
+
+def _shape_turns(scene: Scene, rng: random.Random) -> list[Turn]:
+    colours = [obj.colour for obj in scene.objects]
+    templates = ("What shape is the {} object?", "Which shape is {}?")
+    return [
+        (rng.choice(templates).format(obj.colour), obj.shape) for obj in scene.objects if colours.count(obj.colour) == 1
+    ]
+
+
+def _count_turns(scene: Scene, rng: random.Random) -> list[Turn]:
+    turns = [("How many shapes are there?", str(len(scene.objects)))]
+    # Mostly ask about colours and shapes that are present; sometimes about any, so "0" is a possible answer but
+    # not the answer a model can always guess.
+    present = rng.random() < 0.7
+    colour = rng.choice(sorted({obj.colour for obj in scene.objects}) if present else tuple(COLOURS))
+    turns.append((f"How many {colour} shapes are there?", str(sum(obj.colour == colour for obj in scene.objects))))
+    shape = rng.choice(sorted({obj.shape for obj in scene.objects}) if present else SHAPES)
+    turns.append((f"How many {SHAPE_PLURALS[shape]} are there?", str(sum(obj.shape == shape for obj in scene.objects))))
+    return turns
+
+
+def _position_turns(scene: Scene, rng: random.Random) -> list[Turn]:
+    return [(f"Where is the {obj.label}?", obj.position) for obj in scene.objects]
+
+
+def _reading_turns(scene: Scene, rng: random.Random) -> list[Turn]:
+    if scene.word is None:
+        return []
+    templates = ("What word is written in the image?", "What does the text say?", "Read the word in the image.")
+    return [(rng.choice(templates), scene.word.text)]
+
+
+_TURN_MAKERS: dict[str, Callable[[Scene, random.Random], list[Turn]]] = {
+    "colour": _colour_turns,
+    "shape": _shape_turns,
+    "count": _count_turns,
+    "position": _position_turns,
+    "reading": _reading_turns,
+}
+
+
+def question_turns(scene: Scene, question_type: str, rng: random.Random) -> list[Turn]:
+    """Question-answer turns of one type about a scene: one turn, or with probability 0.3 up to three.
+
+    Args:
+        scene: the scene asked about.
+        question_type: one of IMAGE_QUESTION_TYPES.
+        rng: source of the template, target and turn-count choices.
+
+    Returns:
+        Turns in asking order; empty when the scene cannot support the type (e.g. "reading" without a word,
+        "colour" when every shape occurs twice).
+    """
+    if question_type not in _TURN_MAKERS:
+        raise KeyError(f"unknown image question type {question_type!r}; valid: {sorted(_TURN_MAKERS)}")
+    turns = _TURN_MAKERS[question_type](scene, rng)
+    rng.shuffle(turns)
+    num_turns = rng.randint(2, MAX_TURNS) if rng.random() < MULTI_TURN_PROB else 1
+    return turns[:num_turns]
+
+
+def supported_question_types(scene: Scene) -> list[str]:
+    """The image question types this scene can answer, in IMAGE_QUESTION_TYPES order."""
+    return [kind for kind, make in _TURN_MAKERS.items() if make(scene, random.Random(0))]
+
+
+def text_only_turn(rng: random.Random) -> Turn:
+    """A question that needs no image: small sums and facts about the world's shapes."""
+    if rng.random() < 0.5:
+        a, b = rng.randrange(10), rng.randrange(10)
+        return f"What is {a} plus {b}?", str(a + b)
+    return rng.choice(_SHAPE_FACTS)
+
+
+def two_image_turn(first: Scene, second: Scene, rng: random.Random) -> Turn:
+    """A question about a pair of scenes, shown in this order: a total count, or which one holds a given object."""
+    only_first = {obj.label for obj in first.objects} - {obj.label for obj in second.objects}
+    only_second = {obj.label for obj in second.objects} - {obj.label for obj in first.objects}
+    if rng.random() < 0.5 and (only_first or only_second):
+        answer = rng.choice(["first"] * bool(only_first) + ["second"] * bool(only_second))
+        label = rng.choice(sorted(only_first if answer == "first" else only_second))
+        return f"Which image has the {label}? Answer first or second.", answer
+    return "How many shapes are there in the two images in total?", str(len(first.objects) + len(second.objects))
+
+
+def conversation(turns: list[Turn], num_images: int) -> list[dict[str, str]]:
+    """LLaVA `conversations` list; the first human turn starts with one `<image>` line per image."""
+    if not turns:
+        raise ValueError("a conversation needs at least one turn")
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        prefix = f"{IMAGE_TOKEN}\n" * num_images if index == 0 else ""
+        messages.append({"from": "human", "value": prefix + question})
+        messages.append({"from": "gpt", "value": answer})
+    return messages

@@ -1,0 +1,96 @@
+"""Assemble a multimodal model and its processor from parts: a RICE-ViT (preset or checkpoint), a Qwen2.5 LLM
+(preset, local directory or hub id) and a tokenizer. This is how stage 1 starts; later stages load a kit checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+from ..presets import PRESET_DIR, list_presets, load_preset
+from ..vision import RiceVisionConfig, RiceVisionModel
+from .anyres import AnyresGeometry, make_grid_pinpoints
+from .configuration import RiceMllmConfig
+from .image_processing import RiceImageProcessor
+from .modeling import RiceMllmForConditionalGeneration
+from .processing import RiceMllmProcessor, add_image_token
+
+logger = logging.getLogger(__name__)
+
+TINY_TOKENIZER = PRESET_DIR / "tokenizers" / "tiny"
+
+
+def build_processor(
+    tokenizer: str | Path,
+    tile_size: int,
+    patch_size: int = 14,
+    max_tiles: int = 4,
+    max_grid_tiles: int | None = None,
+    max_length: int | None = None,
+) -> RiceMllmProcessor:
+    """A processor over `tokenizer` (directory or hub id; `<image>` added if missing) with anyres geometry.
+
+    Args:
+        tile_size, patch_size: the vision encoder's input size and patch size.
+        max_tiles: largest grid, in tiles, among the pinpoints (4 = LLaVA-NeXT's "2x2+1").
+        max_grid_tiles: optional token budget (OneVision `anyres_max_K`).
+        max_length: samples longer than this are refused, never truncated.
+    """
+    loaded = AutoTokenizer.from_pretrained(str(tokenizer))
+    add_image_token(loaded)
+    geometry = AnyresGeometry(tile_size, patch_size, make_grid_pinpoints(tile_size, max_tiles), max_grid_tiles)
+    return RiceMllmProcessor(loaded, RiceImageProcessor(geometry), max_length=max_length)
+
+
+def _is_preset(name: str) -> bool:
+    return name in list_presets()
+
+
+def _vision_part(vision: str) -> tuple[RiceVisionConfig, RiceVisionModel | None]:
+    if _is_preset(vision):
+        return RiceVisionConfig(**load_preset(vision)), None
+    encoder = RiceVisionModel.from_pretrained(vision)
+    return encoder.config, encoder
+
+
+def _text_part(llm: str):
+    if _is_preset(llm):
+        return Qwen2Config(**load_preset(llm)), None
+    language_model = AutoModelForCausalLM.from_pretrained(llm)
+    return language_model.config, language_model
+
+
+def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceMllmForConditionalGeneration:
+    """A fresh multimodal model: pretrained parts where paths/hub ids are given, random ones for preset names.
+
+    The projector and `image_newline` start random (stage 1 trains them). If the tokenizer grew (the `<image>` token),
+    the LLM's embeddings are resized to match.
+    """
+    vision_config, encoder = _vision_part(vision)
+    text_config, language_model = _text_part(llm)
+    geometry = processor.image_processor.geometry
+    if (geometry.tile_size, geometry.patch_size) != (vision_config.image_size, vision_config.patch_size):
+        raise ValueError(
+            f"processor tiles are {geometry.tile_size}px/patch {geometry.patch_size} but the vision tower {vision!r} "
+            f"takes {vision_config.image_size}px/patch {vision_config.patch_size}"
+        )
+    config = RiceMllmConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=processor.image_token_id,
+        image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints],
+        max_grid_tiles=geometry.max_grid_tiles,
+    )
+    model = RiceMllmForConditionalGeneration(config)
+    if encoder is not None:
+        model.vision_tower.load_state_dict(encoder.state_dict())
+    if language_model is not None:
+        model.language_model.load_state_dict(language_model.state_dict())
+    vocab = len(processor.tokenizer)
+    if vocab > config.text_config.vocab_size:
+        logger.info("resizing LLM embeddings %d -> %d for the added tokens", config.text_config.vocab_size, vocab)
+        model.language_model.resize_token_embeddings(vocab)
+        model.config.text_config.vocab_size = vocab
+    return model

@@ -1,0 +1,51 @@
+"""RiceMllmConfig: RICE-ViT + projector + Qwen2.5, with LLaVA-NeXT's field names so export is a copy, not a rename."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from ..presets import load_preset
+from ..vision import RiceVisionConfig
+from .anyres import make_grid_pinpoints
+
+
+class RiceMllmConfig(PreTrainedConfig):
+    """Configuration of the multimodal model.
+
+    Fields (transformers `LlavaNextConfig` names):
+        vision_config: RiceVisionConfig (MLCD schema).
+        text_config: a Qwen2 config (`model_type: qwen2`).
+        image_token_id: id of the `<image>` token that the processor repeats once per image feature.
+        image_grid_pinpoints: candidate (height, width) resolutions for anyres tiling.
+        vision_feature_layer: which hidden state feeds the projector (-2, as LLaVA; CLS is always dropped).
+        projector_hidden_act: activation between the projector's two linears ("gelu": exact, as mlp2x_gelu).
+        max_grid_tiles: token budget. None keeps every grid feature (LLaVA-NeXT); K downsamples the unpadded grid
+            bilinearly to about K tiles' worth of tokens (LLaVA-OneVision's `anyres_max_K`), which transformers'
+            OneVision classes reproduce exactly, unlike a 2x2 token merge.
+    """
+
+    model_type = "rice_mllm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=RiceVisionConfig),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 0
+    image_grid_pinpoints: list | None = None
+    vision_feature_layer: int = -2
+    projector_hidden_act: str = "gelu"
+    max_grid_tiles: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.image_grid_pinpoints is None:  # LLaVA-NeXT's "up to 2x2+1 tiles": every grid of at most 4 tiles
+            self.image_grid_pinpoints = [list(size) for size in make_grid_pinpoints(self.vision_config.image_size, 4)]
+
+    @classmethod
+    def from_presets(cls, vision: str, text: str, **kwargs) -> RiceMllmConfig:
+        """Compose a config from a vision preset and an LLM preset (names from `rice_mllm.list_presets()`)."""
+        return cls(vision_config=load_preset(vision), text_config=load_preset(text), **kwargs)

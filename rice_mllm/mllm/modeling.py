@@ -1,0 +1,196 @@
+"""RiceMllmForConditionalGeneration: RICE-ViT -> mlp2x_gelu projector -> anyres packing -> Qwen2.5 (LLaVA-NeXT).
+
+Invariant: the number of image features an image produces is `anyres.num_image_tokens`, the same function the
+processor uses to expand `<image>`; any disagreement raises `ImageTokenMismatchError` before the LLM runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..loading import resolve_checkpoint_dir, verify_checkpoint_dir
+from ..vision import RiceVisionModel
+from .anyres import AnyresGeometry, num_tiles, pack_image_features
+from .configuration import RiceMllmConfig
+from .projector import MultiModalProjector
+
+
+class ImageTokenMismatchError(ValueError):
+    """The `<image>` tokens of a batch and the features of its images disagree in number."""
+
+
+class RiceMllmForConditionalGeneration(PreTrainedModel):
+    """The multimodal model. Top-level parts (what stages train): `vision_tower`, `projector`, `image_newline`,
+    `language_model`. Batches may mix samples with no, one or several images.
+
+    `generate` encodes the images once, then runs the LLM's own `generate` on the embeddings (KV cache, streamers,
+    sampling all come from transformers) and returns the new tokens only.
+    """
+
+    config_class = RiceMllmConfig
+    config: RiceMllmConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RiceEncoderLayer", "Qwen2DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: RiceMllmConfig):
+        super().__init__(config)
+        self.vision_tower = RiceVisionModel(config.vision_config)
+        self.projector = MultiModalProjector(
+            config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
+        )
+        self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    @property
+    def geometry(self) -> AnyresGeometry:
+        vision = self.config.vision_config
+        return AnyresGeometry(
+            tile_size=vision.image_size,
+            patch_size=vision.patch_size,
+            image_grid_pinpoints=self.config.image_grid_pinpoints,
+            max_grid_tiles=self.config.max_grid_tiles,
+        )
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Projector like nn.Linear's default; image_newline ~ N(0, 1/D) as LLaVA-NeXT initialises it."""
+        if module is self:
+            init.normal_(self.image_newline, std=self.image_newline.shape[0] ** -0.5)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=module.in_features**-0.5)
+            init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *args, **kwargs) -> RiceMllmForConditionalGeneration:
+        """Load a kit checkpoint directory (or hub id); missing, unexpected or mis-shaped tensors raise, named."""
+        checkpoint_dir = resolve_checkpoint_dir(name_or_path)
+        config = kwargs.get("config") or cls.config_class.from_pretrained(checkpoint_dir)
+        verify_checkpoint_dir(cls, config, checkpoint_dir)
+        return super().from_pretrained(checkpoint_dir, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def _num_vision_layers_used(self) -> int:
+        """Blocks needed to reach `vision_feature_layer` (hidden state i is the output of block i; 0 is the input)."""
+        return self.config.vision_feature_layer % (self.config.vision_config.num_hidden_layers + 1)
+
+    def unused_parameter_names(self) -> list[str]:
+        """Vision parameters past the feature layer (and the pooled-CLS norm): kept for checkpoint fidelity, never
+        reached by the loss. Trainers must freeze them, or ZeRO and DDP wait for gradients that never come."""
+        used = self._num_vision_layers_used()
+        prefixes = [
+            f"vision_tower.vision_model.encoder.layers.{i}."
+            for i in range(used, self.config.vision_config.num_hidden_layers)
+        ]
+        prefixes.append("vision_tower.vision_model.post_layernorm.")
+        return [name for name, _ in self.named_parameters() if name.startswith(tuple(prefixes))]
+
+    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, S, S] -> [tiles, N*N, D_vision]: hidden state `vision_feature_layer`, CLS dropped."""
+        output = self.vision_tower(pixel_values, num_layers=self._num_vision_layers_used())
+        return output.last_hidden_state[:, 1:]
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Encode, project and pack every image of a batch.
+
+        Args:
+            pixel_values: [total_tiles, 3, S, S], per image the base tile then its grid tiles.
+            image_sizes: [num_images, 2] original (height, width).
+
+        Returns:
+            [sum of num_image_tokens over images, D_llm], images in order.
+        """
+        geometry = self.geometry
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        tiles_per_image = [num_tiles(size, geometry) for size in sizes]
+        if sum(tiles_per_image) != pixel_values.shape[0]:
+            raise ImageTokenMismatchError(
+                f"image sizes {sizes} need {sum(tiles_per_image)} tiles ({tiles_per_image}), "
+                f"pixel_values has {pixel_values.shape[0]}"
+            )
+        features = self.projector(self._vision_features(pixel_values))  # [tiles, N*N, D_llm]
+        per_image = features.split(tiles_per_image)
+        return torch.cat(
+            [
+                pack_image_features(tiles, size, geometry, self.image_newline)
+                for tiles, size in zip(per_image, sizes, strict=True)
+            ]
+        )
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features written over the `<image>` positions. [B, T] -> [B, T, D_llm]."""
+        embeds = self.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        num_image_tokens = int(is_image.sum())
+        has_images = pixel_values is not None and image_sizes is not None and len(image_sizes) > 0
+        if not has_images:
+            if num_image_tokens:
+                raise ImageTokenMismatchError(f"the batch has {num_image_tokens} <image> tokens but no images")
+            if self.training:
+                # Touch the vision path with a zero-weighted dummy tile so every rank runs the same modules:
+                # under ZeRO-3 a rank that skipped the tower would hang the others' parameter gathers.
+                side = self.config.vision_config.image_size
+                touched = self.projector(self._vision_features(embeds.new_zeros(1, 3, side, side))).sum()
+                embeds = embeds + 0.0 * (touched + self.image_newline.sum())
+            return embeds
+        features = self.image_features(pixel_values, image_sizes)
+        if features.shape[0] != num_image_tokens:
+            raise ImageTokenMismatchError(
+                f"the batch has {num_image_tokens} <image> tokens but its {len(image_sizes)} images give "
+                f"{features.shape[0]} features (sizes {image_sizes.tolist()})"
+            )
+        return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (and the causal LM loss when `labels` [B, T] are given, -100 ignored) for a multimodal batch."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Generate a continuation of a (left-padded) batch. Returns only the new token ids, [B, new_tokens]."""
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )

