@@ -225,3 +225,47 @@ def test_recipe_runs_as_python():
 def test_recipe_runs_through_bash_and_the_deepspeed_launcher():
     cfg = _print_config(["bash", "recipes/stage2_instruct.sh"])
     assert cfg["stage"] == "stage2_instruct" and cfg["optim"]["epochs"] == 4
+
+
+# ---- the kit's own model, processor and data (the default builders) ----
+def _tiny_world_args(tmp_path: Path, run: str, data: str) -> list[str]:
+    world = tmp_path / "world"
+    return [
+        f"output_dir={tmp_path / run}",
+        f"data.tiny_world={world}",
+        "data.tiny_world_images=4",
+        f"data.train_files={world / data}",
+        "optim.max_steps=2",
+        "optim.batch_size=2",
+        "deepspeed=null",
+    ]
+
+
+def test_recipes_on_the_tiny_world_stage1_then_lora_then_merge(tmp_path):
+    from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+    from rice_mllm.mllm.processing import RiceMllmProcessor
+
+    stage1 = main(
+        ["--config", str(ROOT / "recipes/stage1_align.yaml"), *_tiny_world_args(tmp_path, "s1", "captions_train.json")]
+    )
+    lora = main(
+        [
+            "--config",
+            str(ROOT / "recipes/finetune_lora.yaml"),
+            f"model.init_from={tmp_path / 's1'}",
+            *_tiny_world_args(tmp_path, "lora", "qa_train.json"),
+        ]
+    )
+    assert all(r["loss"] > 0 for r in map(json.loads, (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()))
+    merge_main([lora, str(tmp_path / "merged")])
+    # the merged dir is a plain, self-contained kit checkpoint; its projector is the LoRA run's, not stage 1's
+    merged = RiceMllmForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    processor = RiceMllmProcessor.from_pretrained(tmp_path / "merged")
+    assert processor.pad_token_id == RiceMllmProcessor.from_pretrained(Path(stage1) / "model").pad_token_id
+    before = RiceMllmForConditionalGeneration.from_pretrained(Path(stage1) / "model")
+    trained = load_file(Path(lora) / "model" / "non_lora_trainables.safetensors")
+    assert torch.equal(merged.state_dict()["projector.linear_1.weight"], trained["projector.linear_1.weight"])
+    assert not torch.equal(trained["projector.linear_1.weight"], before.state_dict()["projector.linear_1.weight"])
+    assert json.loads((Path(lora) / "model" / "base_model.json").read_text())["init_from"] == str(
+        (Path(stage1) / "model").resolve()
+    )

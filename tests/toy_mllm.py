@@ -22,8 +22,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from rice_mllm.train.builders import Builders
 from rice_mllm.train.checkpoint import resolve_model_dir
-from rice_mllm.train.trainer import Builders, main
+from rice_mllm.train.trainer import main
 
 VOCAB = 64
 IMAGE_TOKEN_ID = 63
@@ -129,7 +130,7 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-def build_toy_model(config) -> ToyMllm:
+def build_toy_model(config, processor=None) -> ToyMllm:
     if config.model.init_from:
         return ToyMllm.from_pretrained(resolve_model_dir(config.model.init_from))
     return ToyMllm(ToyMllmConfig())

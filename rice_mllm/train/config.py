@@ -18,19 +18,23 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # kit preset name, or a path / hub id of a kit checkpoint
-    llm: str | None = None  # path or hub id of the LLM weights (overrides the preset's text part)
-    vision: str | None = None  # path or hub id of the RICE-ViT weights (overrides the preset's vision part)
-    init_from: str | None = None  # kit checkpoint (model dir, checkpoint dir or run dir) to start from
+    vision: str = "rice-vit-tiny"  # RICE-ViT preset name (random init), directory or hub id
+    llm: str = "qwen2.5-tiny"  # Qwen2.5 preset name (random init), directory or hub id
+    tokenizer: str | None = None  # None: the LLM's own (the kit's tiny tokenizer for an LLM preset)
+    init_from: str | None = None  # kit checkpoint (model, checkpoint or run dir); then vision/llm/tokenizer unused
+    max_tiles: int = 4  # largest anyres grid in tiles (LLaVA-NeXT's "2x2+1")
+    max_grid_tiles: int | None = None  # token budget: OneVision's anyres_max_K
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
-    image_folder: str | None = None  # image paths are relative to the data file's folder when None
-    max_length: int = 2048
+    train_files: list[str] = field(default_factory=list)  # LLaVA .json / .jsonl
+    image_folder: str | None = None  # relative image paths resolve here; None: against each data file's folder
+    max_length: int = 2048  # longer samples raise (never truncated through an image)
     num_workers: int = 0
+    tiny_world: str | None = None  # generate the kit's tiny world into this folder first (skipped when present)
+    tiny_world_images: int = 256
 
 
 @dataclass
@@ -121,7 +125,8 @@ def _set_path(tree: dict, dotted: str, value: str) -> None:
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML file (or the defaults when `path` is None) and apply `a.b=value` overrides.
 
-    A relative `deepspeed` path is resolved against the YAML's folder, so a recipe names its sibling JSON.
+    A relative `deepspeed` path is resolved against the YAML's folder, so a recipe names its sibling JSON; other
+    relative paths (data, output, init_from) are relative to the working directory.
 
     Raises:
         KeyError: an unknown key, naming it and the valid keys at that level.

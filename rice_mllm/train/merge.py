@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .builders import DEFAULT_BUILDERS, Builders
 from .checkpoint import resolve_model_dir
 from .config import load_config
 from .lora import BASE_FILE, NON_LORA_FILE, load_lora_dir, lora_base_dir
-from .trainer import DEFAULT_BUILDERS, Builders, set_seed
+from .trainer import set_seed
 
 _ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", NON_LORA_FILE, BASE_FILE}
 
@@ -49,7 +50,8 @@ def merge(checkpoint: str, output_dir: str, builders: Builders = DEFAULT_BUILDER
     config = load_config(model_dir.parent / "config.yaml")
     config.model.init_from = lora_base_dir(str(model_dir))
     set_seed(config.optim.seed)
-    peft_model = load_lora_dir(builders.model(config), str(model_dir)).eval()
+    base = builders.model(config, builders.processor(config))
+    peft_model = load_lora_dir(base, str(model_dir)).eval()
     batch = _parity_batch(peft_model.get_base_model())
     with torch.no_grad():
         reference = peft_model(**batch).logits.float()

@@ -17,61 +17,20 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import clean_incomplete, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .builders import DEFAULT_BUILDERS, Builders
+from .checkpoint import clean_incomplete, find_resume_checkpoint, load_checkpoint, resolve_model_dir, save_checkpoint
 from .config import TrainConfig, load_config, save_config
 from .engine import build_engine, device, init_distributed, rank, world_size
 from .lora import inject_lora
 from .stages import apply_stage, get_stage, parameter_table
 
 logger = logging.getLogger(__name__)
-
-
-# ---- integration points: the lead points these at the real model, processor and data ----
-def build_processor(config: TrainConfig) -> Any:
-    """The processor (tokenizer + image processor) for `config.model`; saved into every checkpoint."""
-    raise NotImplementedError("build_processor: return RiceMllmProcessor for config.model (preset / path)")
-
-
-def build_model(config: TrainConfig) -> nn.Module:
-    """The multimodal model with top-level `vision_tower`, `projector`, `image_newline`, `language_model`.
-
-    Must be deterministic given the seed (resume rebuilds it) and load `config.model.init_from` when set
-    (`checkpoint.resolve_model_dir` accepts a model, checkpoint or run dir).
-    """
-    raise NotImplementedError("build_model: return RiceMllmForConditionalGeneration for config.model")
-
-
-def build_dataset(config: TrainConfig, processor: Any) -> Dataset:
-    """Map-style dataset of processed samples from `config.data`; must fail loudly on bad records."""
-    raise NotImplementedError("build_dataset: LLaVA records from config.data.train_files through the processor")
-
-
-def build_collator(config: TrainConfig, processor: Any) -> Callable[[list], dict]:
-    """Samples -> batch dict per the processor batch contract (input_ids, labels, attention_mask, pixel_values...)."""
-    raise NotImplementedError("build_collator: rice_mllm.data.collate for the processor's pad token")
-
-
-@dataclass(frozen=True)
-class Builders:
-    """The four integration points, injectable so tests (and other models) can run the same loop."""
-
-    processor: Callable[[TrainConfig], Any] = build_processor
-    model: Callable[[TrainConfig], nn.Module] = build_model
-    dataset: Callable[[TrainConfig, Any], Dataset] = build_dataset
-    collator: Callable[[TrainConfig, Any], Callable] = build_collator
-
-
-DEFAULT_BUILDERS = Builders()
 
 
 def set_seed(seed: int) -> None:
@@ -90,8 +49,12 @@ def epoch_indices(num_samples: int, seed: int, epoch: int) -> list[int]:
     return perm[rank() :: world_size()][:per_rank]
 
 
-def _to_device(batch: dict, dev: torch.device) -> dict:
-    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to_device(batch: dict, dev: torch.device, float_dtype: torch.dtype | None) -> dict:
+    """Move tensors; floating ones (pixel_values) also to the engine's parameter dtype under DeepSpeed bf16."""
+    return {
+        k: v.to(dev, dtype=float_dtype if float_dtype and v.is_floating_point() else None) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }
 
 
 def _resume_path(config: TrainConfig) -> str | None:
@@ -156,15 +119,19 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
         save_config(config, os.path.join(config.output_dir, "config.yaml"))
     set_seed(config.optim.seed)
     processor = builders.processor(config)
-    model = builders.model(config)
+    model = builders.model(config, processor)
     if config.model.gradient_checkpointing:
         # non-reentrant: the reentrant variant drops gradients when the checkpointed inputs are frozen (LoRA, stage 1)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_base = None
     if stage.lora is not None:
-        lora_base = config.model.init_from or os.path.join(config.output_dir, "base_model")
+        # a concrete model dir, not a run dir whose "last checkpoint" may change later
+        init = config.model.init_from
+        lora_base = str(resolve_model_dir(init).resolve()) if init else os.path.join(config.output_dir, "base_model")
         if config.model.init_from is None and rank() == 0 and not os.path.isdir(lora_base):
             model.save_pretrained(lora_base)  # the adapter needs its full-weight base on disk for merge
+            if hasattr(processor, "save_pretrained"):
+                processor.save_pretrained(lora_base)
         model = inject_lora(model, stage.lora)
     groups = apply_stage(model, stage, config.optional_parts, config.optim.weight_decay)
     if rank() == 0:
@@ -200,6 +167,8 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
     log = _Logger(config, [g["name"] for g in groups])
     bar = tqdm(total=total_steps, initial=step, disable=rank() != 0, desc=config.stage)
     dev, last_saved, micro = device(), step, o.batch_size
+    # DeepSpeed bf16 casts the module itself (TorchEngine autocasts instead): inputs must follow
+    float_dtype = torch.bfloat16 if o.bf16 and config.deepspeed is not None else None
     engine.module.train()
     while step < total_steps:
         epoch, done = divmod(step, steps_per_epoch)
@@ -221,7 +190,7 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
             # loss sum and token count, on the device because NCCL reduces only device tensors
             start, stats = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=dev)
             for _ in range(o.grad_accum):
-                batch = _to_device(next(batches), dev)
+                batch = _to_device(next(batches), dev, float_dtype)
                 loss = engine(**batch).loss
                 engine.backward(loss)
                 engine.step()
