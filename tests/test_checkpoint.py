@@ -79,11 +79,11 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    args = ["optim.max_steps=12", "save_steps=2", "optim.batch_size=2", "optim.seed=3", "resume=auto"]
-    # 16 samples / batch 2 = 8 steps per epoch: the resumed part crosses an epoch boundary
-    reference = main([f"output_dir={tmp_path / 'ref'}", *args], toy_builders(n=16))
+    args = ["optim.max_steps=9", "save_steps=2", "optim.batch_size=2", "optim.seed=3", "resume=auto"]
+    # 12 samples / batch 2 = 6 steps per epoch: the resumed part crosses an epoch boundary
+    reference = main([f"output_dir={tmp_path / 'ref'}", *args], toy_builders(n=12))
     run = tmp_path / "killed"
-    proc = _toy_cli([f"output_dir={run}", *args], {"TOY_DELAY": "0.1", "TOY_SAMPLES": "16"})
+    proc = _toy_cli([f"output_dir={run}", *args], {"TOY_DELAY": "0.1", "TOY_SAMPLES": "12"})
     deadline = time.time() + 60
     while not (run / "checkpoint-4").exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -92,11 +92,11 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert max(_losses(run)) < 12 and find_resume_checkpoint(run).name != "checkpoint-12"
+    assert max(_losses(run)) < 9 and find_resume_checkpoint(run).name in ("checkpoint-4", "checkpoint-6")
 
-    resumed = main([f"output_dir={run}", *args], toy_builders(n=16))
+    resumed = main([f"output_dir={run}", *args], toy_builders(n=12))
     expected, got = _losses(tmp_path / "ref"), _losses(run)
-    assert sorted(got) == list(range(1, 13))
+    assert sorted(got) == list(range(1, 10))
     for step in expected:
         assert abs(got[step] - expected[step]) < 1e-4, (step, got[step], expected[step])
     a = ToyMllm.from_pretrained(Path(reference) / "model").state_dict()

@@ -269,3 +269,28 @@ def test_recipes_on_the_tiny_world_stage1_then_lora_then_merge(tmp_path):
     assert json.loads((Path(lora) / "model" / "base_model.json").read_text())["init_from"] == str(
         (Path(stage1) / "model").resolve()
     )
+
+
+@pytest.mark.slow
+def test_stage2_on_the_tiny_world_under_zero3_resumes_exactly(tmp_path):
+    stage1 = main(
+        ["--config", str(ROOT / "recipes/stage1_align.yaml"), *_tiny_world_args(tmp_path, "s1", "captions_train.json")]
+    )
+    run = tmp_path / "s2"
+    args = [
+        "--config",
+        str(ROOT / "recipes/stage2_instruct.yaml"),
+        f"model.init_from={stage1}",
+        *_tiny_world_args(tmp_path, "s2", "qa_train.json"),
+        f"deepspeed={ROOT / 'recipes/ds_zero3.json'}",
+        "optim.max_steps=4",
+        "save_steps=2",
+        "resume=auto",
+    ]
+    main(args)
+    expected = _losses(run)
+    shutil.rmtree(run / "checkpoint-4")
+    (run / "metrics.jsonl").unlink()
+    main(args)
+    got = _losses(run)
+    assert sorted(got) == [3, 4] and all(abs(got[s] - expected[s]) < 1e-4 for s in got), (got, expected)
