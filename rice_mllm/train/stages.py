@@ -19,7 +19,11 @@ PARTS = {
     "projector": "projector",
     "newline": "image_newline",
     "llm": "language_model",
-    "region_head": "region_head",  # stage 0 only: the RICE pretraining head
+    # stage 0 (RicePretrainModel): the encoder, the region head and the PartialFC class centres of both losses
+    "encoder": "encoder",
+    "region_head": "region_head",
+    "object_centres": "object_loss",
+    "ocr_centres": "ocr_loss",
 }
 
 
@@ -46,7 +50,9 @@ _LORA = LoraSpec(r=128, alpha=256, lr=2e-4)
 # features. The kit's model always tiles and ends every feature row with the newline, so stage 1 already
 # feeds it to the LLM; it trains with the projector, which keeps the feature layout identical across stages.
 STAGES: dict[str, Stage] = {
-    "stage0_pretrain": Stage(train={"vision": 1e-3, "region_head": 1e-3}),
+    "stage0_pretrain": Stage(
+        train={"encoder": 1e-3, "region_head": 1e-3, "object_centres": 1e-3}, optional={"ocr_centres": 1e-3}
+    ),
     "stage1_align": Stage(train={"projector": 1e-3, "newline": 1e-3}),
     "stage2_instruct": Stage(train={"projector": 1e-5, "llm": 1e-5, "newline": 1e-5}, optional={"vision": 2e-6}),
     "lora": Stage(train={"projector": 2e-5, "newline": 2e-5}, lora=_LORA),
@@ -155,7 +161,7 @@ def parameter_table(model: nn.Module) -> str:
 
     rows = []
     for part, attr in PARTS.items():
-        if hasattr(unwrap(model), attr):
+        if getattr(unwrap(model), attr, None) is not None:
             rows.append((part, *count(part_parameters(model, part))))
     mapped = {PARTS[r[0]] for r in rows}
     rest = [(n, p) for n, p in unwrap(model).named_parameters() if n.split(".")[0] not in mapped]
