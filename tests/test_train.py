@@ -79,6 +79,9 @@ def test_deepspeed_optimizer_block_is_refused_and_autos_filled(tmp_path):
     path.write_text(json.dumps({**ds, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
     with pytest.raises(ValueError, match=f"{path}.*'optimizer'"):
         load_deepspeed_config(cfg)
+    path.write_text(json.dumps({**ds, "fp16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="fp16"):
+        load_deepspeed_config(cfg)
     path.write_text(json.dumps({**ds, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
     with pytest.raises(ValueError, match="zero_optimization.reduce_bucket_size"):
         load_deepspeed_config(cfg)

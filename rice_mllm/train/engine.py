@@ -92,9 +92,10 @@ def load_deepspeed_config(config: TrainConfig) -> dict:
         if ds.get(key, "auto") not in ("auto", value):
             raise ValueError(f'{config.deepspeed}: {key}={ds[key]} disagrees with the config ({value}); use "auto"')
         ds[key] = value
-    # bf16 blocks say "auto": the kit's flag decides (fp16 is not offered: its loss scaling breaks exact resume)
+    # the bf16 block says "auto": optim.bf16 decides. fp16 is not offered (loss scaling, which the torch engine lacks).
+    if ds.get("fp16", {}).get("enabled") not in (None, False):
+        raise ValueError(f"{config.deepspeed}: fp16 is not supported; remove the fp16 block and set optim.bf16=true")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": o.bf16}
-    ds.pop("fp16", None)
 
     def find_auto(node: object, path: str) -> None:
         if node == "auto":
