@@ -23,19 +23,23 @@ logger = logging.getLogger(__name__)
 
 
 def rank() -> int:
+    """This process's global rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK) when CUDA is present, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

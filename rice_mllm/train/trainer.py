@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch: the model build and dropout then repeat across runs."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
