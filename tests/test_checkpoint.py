@@ -22,9 +22,10 @@ ZERO3 = str(ROOT / "recipes" / "ds_zero3.json")
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    """Per-step losses of a run; a step logged twice (before a crash and after resume) keeps its last value."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    """Per-step losses of a run; each step must be logged once (a resume drops the replayed steps' old records)."""
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["step"] for r in steps}) == len(steps), [r["step"] for r in steps]
+    return {r["step"]: r["loss"] for r in steps}
 
 
 def _toy_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -269,6 +269,15 @@ def test_recipes_on_the_tiny_world_stage1_then_lora_then_merge(tmp_path):
     trained = load_file(Path(lora) / "model" / "non_lora_trainables.safetensors")
     assert torch.equal(merged.state_dict()["projector.linear_1.weight"], trained["projector.linear_1.weight"])
     assert not torch.equal(trained["projector.linear_1.weight"], before.state_dict()["projector.linear_1.weight"])
+    with pytest.raises(ValueError, match="merge it first"):  # an adapter is not a base to start a stage from
+        main(
+            [
+                "--config",
+                str(ROOT / "recipes/stage2_instruct.yaml"),
+                f"model.init_from={lora}",
+                *_tiny_world_args(tmp_path, "s2", "qa_train.json"),
+            ]
+        )
     assert json.loads((Path(lora) / "model" / "base_model.json").read_text())["init_from"] == str(
         (Path(stage1) / "model").resolve()
     )

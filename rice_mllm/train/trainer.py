@@ -70,13 +70,20 @@ def _resume_path(config: TrainConfig) -> str | None:
 class _Logger:
     """Console (rank 0, every `logging_steps`), TensorBoard and `metrics.jsonl` in the output dir."""
 
-    def __init__(self, config: TrainConfig, group_names: list[str]):
+    def __init__(self, config: TrainConfig, group_names: list[str], start_step: int):
         self.config, self.names, self.writer, self.file = config, group_names, None, None
         if rank() == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(config.output_dir, "tensorboard"))
-            self.file = open(os.path.join(config.output_dir, "metrics.jsonl"), "a")
+            self.writer = SummaryWriter(os.path.join(config.output_dir, "tensorboard"), purge_step=start_step + 1)
+            path = os.path.join(config.output_dir, "metrics.jsonl")
+            # steps logged after the checkpoint we resume from are replayed: drop their old records
+            kept = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            self.file = open(path, "w")
+            self.file.writelines(kept)
 
     def log(self, step: int, loss: float, lrs: list[float], tokens_per_s: float, epoch: int) -> None:
         if rank() != 0:
@@ -165,7 +172,7 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
             )
         step = saved["step"]
         logger.info("resumed from %s at step %d", resume, step)
-    log = _Logger(config, [g["name"] for g in groups])
+    log = _Logger(config, [g["name"] for g in groups], step)
     bar = tqdm(total=total_steps, initial=step, disable=rank() != 0, desc=config.stage)
     dev, last_saved, micro = device(), step, o.batch_size
     # DeepSpeed bf16 casts the module itself (TorchEngine autocasts instead): inputs must follow
