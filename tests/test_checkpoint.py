@@ -156,7 +156,13 @@ def test_two_rank_zero3_matches_one_process_resumes_and_loads(tmp_path):
     assert sorted(_losses(run)) == [3]
 
 
-def test_resume_with_another_batch_geometry_is_refused(tmp_path):
+def test_resume_with_another_batch_geometry_or_other_frozen_weights_is_refused(tmp_path):
     main([f"output_dir={tmp_path}", "optim.max_steps=2", "optim.batch_size=2"], toy_builders(n=8))
     with pytest.raises(ValueError, match="samples/step"):
         main([f"output_dir={tmp_path}", "optim.max_steps=2", "optim.batch_size=4", "resume=auto"], toy_builders(n=8))
+    # another seed builds another random (frozen) LLM: resuming onto it would silently train a different model
+    with pytest.raises(ValueError, match="frozen weights differ"):
+        main(
+            [f"output_dir={tmp_path}", "optim.max_steps=2", "optim.batch_size=2", "optim.seed=1", "resume=auto"],
+            toy_builders(n=8),
+        )

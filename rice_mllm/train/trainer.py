@@ -159,7 +159,9 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
     if unused:
         logger.warning("%d samples per rank per epoch do not fill a step and are not used", unused)
     total_steps = o.max_steps if o.max_steps is not None else o.epochs * steps_per_epoch
-    engine = build_engine(model, groups, config, total_steps)
+    # checkpoints hold only trainable weights: the frozen ones come from the build, so a resume checks they match
+    frozen = sum(float(p.detach().double().abs().sum()) for p in model.parameters() if not p.requires_grad)
+    engine = build_engine(model, groups, config, total_steps)  # (partitions parameters under ZeRO-3)
 
     step, samples_per_step = 0, o.batch_size * o.grad_accum * world_size()
     if resume is not None:
@@ -169,6 +171,11 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
             raise ValueError(
                 f"{resume}: saved with {saved['samples_per_step']} samples/step and {saved['total_steps']} steps, "
                 f"now {samples_per_step} and {total_steps}: exact resume needs the same batch geometry and schedule"
+            )
+        if not math.isclose(saved["frozen_abs_sum"], frozen, rel_tol=1e-9):
+            raise ValueError(
+                f"{resume}: the frozen weights differ from the run's (sum |w| {saved['frozen_abs_sum']!r} vs "
+                f"{frozen!r}): model.* changed since the checkpoint was written"
             )
         step = saved["step"]
         logger.info("resumed from %s at step %d", resume, step)
@@ -223,6 +230,7 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
                 "samples_in_epoch": (step % steps_per_epoch) * samples_per_step,
                 "samples_per_step": samples_per_step,
                 "total_steps": total_steps,
+                "frozen_abs_sum": frozen,
             }
             if step % config.save_steps == 0 or step == total_steps:
                 save_checkpoint(engine, config, progress, processor, lora_base)
