@@ -4,6 +4,7 @@ A checkpoint is written into `checkpoint-N.tmp`, fsynced, then renamed to `check
 final name is always complete, so a crash mid-save leaves only a `.tmp` that is never picked.
 Layout: `model/` (HF dir; LoRA: adapter + non-LoRA trainables + base reference), `config.yaml`,
 `trainer_state/` (engine: trainable weights, optimizer, scheduler; `rng_rank{r}.pt`; `state.json`).
+All ranks write into one directory: `output_dir` must be on a filesystem every rank (and node) shares.
 """
 
 from __future__ import annotations
