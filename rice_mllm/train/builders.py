@@ -92,7 +92,8 @@ def build_dataset(config: TrainConfig, processor: RiceMllmProcessor) -> Dataset:
         from ..data.synthetic import ensure_generated
 
         if rank() == 0:  # the generator is not safe to run from several processes at once
-            ensure_generated(d.tiny_world, seed=config.optim.seed, num_images=d.tiny_world_images)
+            # the world's own seed stays fixed: a training seed must not regenerate the data other stages use
+            ensure_generated(d.tiny_world, num_images=d.tiny_world_images)
         barrier()
     if not d.train_files:
         raise ValueError("data.train_files is empty: name LLaVA .json/.jsonl files")

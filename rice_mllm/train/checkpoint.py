@@ -1,10 +1,7 @@
 """Atomic, self-contained training checkpoints and `resume: auto`.
 
-A checkpoint is written into `checkpoint-N.tmp`, fsynced, then renamed to `checkpoint-N`: a directory with the
-final name is always complete, so a crash mid-save leaves only a `.tmp` that is never picked.
-Layout: `model/` (HF dir; LoRA: adapter + non-LoRA trainables + base reference), `config.yaml`,
-`trainer_state/` (engine: trainable weights, optimizer, scheduler; `rng_rank{r}.pt`; `state.json`).
-All ranks write into one directory: `output_dir` must be on a filesystem every rank (and node) shares.
+Invariant: a save goes into `checkpoint-N.tmp`, is fsynced, then renamed, so a dir named `checkpoint-N` is complete
+and a crash mid-save leaves only a `.tmp` that is never picked. All ranks write one dir: use a shared filesystem.
 """
 
 from __future__ import annotations
@@ -93,6 +90,9 @@ def save_checkpoint(
     engine, config: TrainConfig, progress: dict, processor=None, lora_base: str | None = None
 ) -> Path | None:
     """Save model, engine state, RNG and data position atomically; call on every rank.
+
+    Layout: `model/` (HF dir + processor; LoRA: adapter, non-LoRA trainables, base reference), `config.yaml`,
+    `trainer_state/` (engine: trainable weights, optimizer, scheduler; `rng_rank{r}.pt`; `state.json`).
 
     Args:
         engine: a DeepSpeed engine or TorchEngine.
