@@ -16,6 +16,7 @@ from PIL import Image
 from .data.collate import PaddingCollator
 from .mllm.modeling import RiceMllmForConditionalGeneration
 from .mllm.processing import RiceMllmProcessor
+from .train.lora import load_lora_dir, lora_base_dir
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +69,30 @@ def quiet_transformers() -> None:
 
 
 def check_checkpoint_dir(checkpoint: Path) -> None:
-    """Raise CheckpointFormatError (saying what the directory is instead) unless it holds a kit checkpoint."""
+    """Raise CheckpointFormatError (saying what the directory is instead) unless it holds a kit checkpoint:
+    a full model (config.json) or a LoRA adapter whose base model directory still exists, with its processor."""
     if not checkpoint.is_dir():
         raise CheckpointFormatError(f"no such checkpoint directory: {checkpoint}")
-    if (checkpoint / ADAPTER_CONFIG).is_file() and not (checkpoint / "config.json").is_file():
-        # LoRA checkpoints (rice_mllm/train/lora.py) plug in here: load the base they name, then apply or merge.
-        raise CheckpointFormatError(
-            f"{checkpoint} holds a LoRA adapter ({ADAPTER_CONFIG}), which inference cannot load yet; "
-            "merge it into its base model first and pass the merged directory"
-        )
-    missing = [name for name in ("config.json", "processor_config.json") if not (checkpoint / name).is_file()]
+    if (checkpoint / ADAPTER_CONFIG).is_file():
+        base = Path(lora_base_dir(str(checkpoint)))
+        if not (base / "config.json").is_file():
+            raise CheckpointFormatError(f"{checkpoint} is a LoRA adapter over {base}, which holds no model any more")
+        required = ["processor_config.json"]
+    else:
+        required = ["config.json", "processor_config.json"]
+    missing = [name for name in required if not (checkpoint / name).is_file()]
     if missing:
         raise CheckpointFormatError(f"{checkpoint} is not a kit checkpoint: it has no {' or '.join(missing)}")
+
+
+def _load_model(checkpoint: Path, load_4bit: bool, **kwargs) -> RiceMllmForConditionalGeneration:
+    """A full checkpoint as is; a LoRA one over the base it names, merged (unless 4-bit: NF4 weights cannot
+    absorb the adapter, so it stays attached)."""
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        return RiceMllmForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
+    base = RiceMllmForConditionalGeneration.from_pretrained(lora_base_dir(str(checkpoint)), **kwargs)
+    adapted = load_lora_dir(base, str(checkpoint))
+    return adapted.get_base_model() if load_4bit else adapted.merge_and_unload()
 
 
 def _check_cpu_4bit_shapes(model: RiceMllmForConditionalGeneration) -> None:
@@ -104,13 +117,14 @@ def load_for_inference(
     """Model (eval mode, on `device`) and processor of a kit checkpoint directory.
 
     Args:
-        checkpoint: directory written by training, merge or import (model and processor side by side).
+        checkpoint: directory written by training, merge or import (model and processor side by side), or a LoRA
+            checkpoint, loaded over the base model it records and merged.
         device, dtype: see `pick_device` / `pick_dtype`.
         load_4bit: quantise the LLM's decoder linear layers to 4-bit NF4 with bitsandbytes while loading; the
             vision tower, projector, `image_newline` and LM head stay in `dtype` (see SKIP_4BIT).
 
     Raises:
-        CheckpointFormatError: not a kit checkpoint (missing directory, LoRA adapter, missing configs).
+        CheckpointFormatError: not a kit checkpoint (missing directory or configs, LoRA adapter without its base).
         CheckpointMismatchError: the weights do not match the config (names the keys).
     """
     checkpoint = Path(checkpoint)
@@ -130,7 +144,7 @@ def load_for_inference(
             llm_int8_skip_modules=SKIP_4BIT,
         )
         kwargs["device_map"] = {"": target}
-    model = RiceMllmForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
+    model = _load_model(checkpoint, load_4bit, **kwargs)
     if load_4bit and target.type == "cpu":
         _check_cpu_4bit_shapes(model)
     if not load_4bit:

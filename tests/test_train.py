@@ -10,6 +10,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from PIL import Image
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
@@ -281,6 +282,16 @@ def test_recipes_on_the_tiny_world_stage1_then_lora_then_merge(tmp_path):
     assert json.loads((Path(lora) / "model" / "base_model.json").read_text())["init_from"] == str(
         (Path(stage1) / "model").resolve()
     )
+    # inference (chat, eval) loads the LoRA checkpoint over its base: same logits as the merged model
+    from rice_mllm.inference import load_for_inference, prepare_inputs
+
+    conversation = ([{"role": "user", "content": "<image>\nWhat colour is the circle?"}], [Image.new("RGB", (90, 60))])
+    logits = []
+    for path in (Path(lora) / "model", tmp_path / "merged"):
+        model, processor = load_for_inference(path, device="cpu")
+        with torch.no_grad():
+            logits.append(model(**prepare_inputs(processor, [conversation], model.device, torch.float32)).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
