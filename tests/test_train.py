@@ -10,8 +10,8 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from PIL import Image
 from peft.tuners.lora import LoraLayer
+from PIL import Image
 from safetensors.torch import load_file
 
 from rice_mllm.train.config import TrainConfig, load_config, save_config
