@@ -1,30 +1,38 @@
 """`python -m rice_mllm.chat`: a streaming multi-turn terminal chat with any kit checkpoint.
 
 Bad input (a missing or corrupt image, an unknown command, an oversized image) costs one line of explanation, never
-the session. `--prompt` answers once and prints only the answer, for scripts.
+the session. Invariant: the streamed text equals the reply `inference.answer` returns for the same conversation.
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
+import shlex
 import sys
 import threading
 from pathlib import Path
 
+import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from .constants import IMAGE_TOKEN
-from .inference import answer, load_for_inference
+from .inference import CheckpointFormatError, answer, load_for_inference, quiet_transformers
+from .loading import CheckpointMismatchError
+from .mllm.chat_template import IM_END, IM_START
 from .mllm.processing import SampleTooLongError
 
 DEFAULT_MODEL = Path("runs/tiny-world/stage2_instruct")
+HOW_TO_TRAIN = "train the tiny-world model first (bash recipes/stage1_align.sh, then bash recipes/stage2_instruct.sh)"
 MAX_IMAGE_PIXELS = 64_000_000  # beyond this a decompression bomb is likelier than a photo
+PROMPT, REPLY = "you: ", "assistant: "
 HELP = """commands:
-  /image PATH   attach an image to your next message (repeat for several)
-  /reset        forget the conversation and pending images
-  /help         this text
-  /exit         leave (Ctrl-D works too)"""
+  /image PATH [PATH ...]  attach images to your next message (quote paths with spaces)
+  /reset                  forget the conversation and pending images
+  /help                   this text
+  /exit                   leave (Ctrl-D works too; Ctrl-C stops a reply)"""
 
 
 class ChatInputError(ValueError):
@@ -38,17 +46,69 @@ def open_image(path: str) -> Image.Image:
         raise ChatInputError(f"no such image: {file}")
     try:
         with Image.open(file) as handle:
+            # The header gives the size before any pixel is decoded: refuse huge images before spending memory.
             if handle.width * handle.height > MAX_IMAGE_PIXELS:
                 raise ChatInputError(f"{file} is {handle.width}x{handle.height}: over {MAX_IMAGE_PIXELS:,} pixels")
             return handle.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:
+    except ChatInputError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ChatInputError(f"cannot read {file} as an image: {error}") from None
+
+
+class ReplyStreamer(BaseStreamer):
+    """Generate-side streamer yielding text pieces whose concatenation is the final stripped reply.
+
+    Each step re-decodes every new token and releases only the stable part: leading whitespace is dropped and a
+    trailing run of whitespace or U+FFFD (an unfinished UTF-8 character) is held back until more text follows,
+    so the printed text is exactly `decode(tokens).strip()`, as `answer` returns it.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.released = ""
+        self.skip_prompt = True
+        self.pieces: queue.Queue[str | None] = queue.Queue()
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+
+    def _release(self, text: str) -> None:
+        if text.startswith(self.released) and len(text) > len(self.released):
+            self.pieces.put(text[len(self.released) :])
+            self.released = text
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt:  # generate first pushes the prompt ([1, 0] here: the model generates from embeddings)
+            self.skip_prompt = False
+            return
+        self.tokens += value.reshape(-1).tolist()
+        self._release(self._text().rstrip("\ufffd \t\n\r\f\v"))
+
+    def end(self) -> None:
+        self._release(self._text())
+        self.pieces.put(None)
+
+    def __iter__(self):
+        while (piece := self.pieces.get()) is not None:
+            yield piece
+
+
+class StopOnEvent(StoppingCriteria):
+    """Stops generation once `event` is set (Ctrl-C in the terminal thread)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatSession:
     """Conversation state: the messages so far, every image they reference, images waiting for the next turn."""
 
-    def __init__(self, model, processor, generation: dict):
+    def __init__(self, model, processor, generation: dict) -> None:
         self.model, self.processor, self.generation = model, processor, generation
         self.reset()
 
@@ -57,16 +117,23 @@ class ChatSession:
         self.images: list[Image.Image] = []
         self.pending: list[Image.Image] = []
 
-    def attach(self, path: str) -> None:
-        self.pending.append(open_image(path))
+    def attach(self, image: Image.Image) -> None:
+        self.pending.append(image)
 
-    def ask(self, text: str, streamer=None) -> str:
-        """Send one user turn (with the pending images) and return the reply; on failure the state is unchanged."""
-        content = IMAGE_TOKEN * len(self.pending) + ("\n" if self.pending else "") + text
-        messages = [*self.messages, {"role": "user", "content": content}]
-        images = [*self.images, *self.pending]
+    def next_turn(self, text: str) -> tuple[list[dict[str, str]], list[Image.Image]]:
+        """Messages and images of the conversation extended by a user turn: pending images first, one `<image>`
+        line each, as the training data has them. Raises ChatInputError for text the template cannot carry."""
+        for marker in (IMAGE_TOKEN, IM_START, IM_END):
+            if marker in text:
+                raise ChatInputError(f"messages cannot contain {marker!r}; attach images with /image PATH")
+        content = f"{IMAGE_TOKEN}\n" * len(self.pending) + text
+        return [*self.messages, {"role": "user", "content": content}], [*self.images, *self.pending]
+
+    def ask(self, text: str, **generate_kwargs) -> str:
+        """Send one user turn and return the reply; on failure the state is unchanged."""
+        messages, images = self.next_turn(text)
         try:
-            reply = answer(self.model, self.processor, messages, images, streamer=streamer, **self.generation)
+            reply = answer(self.model, self.processor, messages, images, **self.generation, **generate_kwargs)
         except SampleTooLongError as error:
             raise ChatInputError(f"{error}; /reset or send fewer images") from None
         self.messages = [*messages, {"role": "assistant", "content": reply}]
@@ -75,21 +142,28 @@ class ChatSession:
 
 
 def stream_reply(session: ChatSession, text: str) -> None:
-    """Print the reply token by token as it is generated."""
-    streamer = TextIteratorStreamer(session.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    """Print the reply piece by piece as it is generated; Ctrl-C stops it (the partial reply is kept)."""
+    session.next_turn(text)  # refuse bad text before the reply header is printed
+    print(REPLY, end="", flush=True)
+    streamer = ReplyStreamer(session.processor.tokenizer)
+    stop = threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            session.ask(text, streamer=streamer)
-        except BaseException as error:  # surfaced in the main thread below
+            session.ask(text, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]))
+        except BaseException as error:  # re-raised in the terminal thread below
             errors.append(error)
-            streamer.end()
+            streamer.pieces.put(None)
 
-    worker = threading.Thread(target=run)
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    for piece in streamer:
-        print(piece, end="", flush=True)
+    try:
+        for piece in streamer:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        stop.set()
+        print(" [stopped]", end="")
     worker.join()
     print()
     if errors:
@@ -97,45 +171,61 @@ def stream_reply(session: ChatSession, text: str) -> None:
 
 
 def handle_line(session: ChatSession, line: str) -> bool:
-    """Act on one input line; False means leave."""
+    """Act on one input line; False means leave. Raises ChatInputError for input the chat refuses."""
     line = line.strip()
     if not line:
         return True
-    if line.startswith("/"):
-        command, _, argument = line.partition(" ")
-        if command == "/exit":
-            return False
-        if command == "/help":
-            print(HELP)
-        elif command == "/reset":
-            session.reset()
-            print("(conversation cleared)")
-        elif command == "/image" and argument.strip():
-            session.attach(argument.strip())
-            print(f"(image attached: {len(session.pending)} pending for your next message)")
-        elif command == "/image":
-            raise ChatInputError("usage: /image PATH")
-        else:
-            raise ChatInputError(f"unknown command {command}; /help lists them")
+    if not line.startswith("/"):
+        stream_reply(session, line)
         return True
-    print("assistant: ", end="", flush=True)
-    stream_reply(session, line)
+    command, _, argument = line.partition(" ")
+    if command == "/exit":
+        return False
+    if command == "/help":
+        print(HELP)
+    elif command == "/reset":
+        session.reset()
+        print("(conversation cleared)")
+    elif command == "/image":
+        try:
+            paths = shlex.split(argument)
+        except ValueError as error:
+            raise ChatInputError(f"cannot parse the paths: {error}") from None
+        if not paths:
+            raise ChatInputError("usage: /image PATH [PATH ...]")
+        images = [open_image(path) for path in paths]  # all or none: a bad path attaches nothing
+        for image in images:
+            session.attach(image)
+        print(f"(images attached to your next message: {len(session.pending)})")
+    else:
+        raise ChatInputError(f"unknown command {command}; /help lists the commands")
     return True
 
 
-def repl(session: ChatSession) -> None:
-    print("rice_mllm chat: type a message, /help for commands, /exit to leave.")
+def repl(session: ChatSession, header: str) -> None:
+    """Read lines until /exit or end of input; refused input prints one `! reason` line and the chat goes on."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
+    print(header)
+    if session.pending:
+        print(f"({len(session.pending)} image(s) attached to your first message)")
+    print("Type a message, /help for commands, /exit to leave.")
     while True:
         try:
-            line = input("you: ")
+            line = input(PROMPT)
         except EOFError:
             print()
             return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt discards the line, like a shell
+            print()
+            continue
         try:
             if not handle_line(session, line):
                 return
         except ChatInputError as error:
-            print(f"! {error}")
+            print(f"! {error}", flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -152,28 +242,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+LOAD_ERRORS = (ChatInputError, CheckpointFormatError, CheckpointMismatchError, OSError, RuntimeError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the chat (or answer `--prompt` once). Returns the exit status: 0, or 2 with a message on stderr."""
     args = parse_args(argv)
     model_dir = args.model or DEFAULT_MODEL
-    if not (model_dir / "config.json").is_file():
-        hint = "" if args.model else " Train the tiny-world model first: python -m rice_mllm.tiny_world"
-        print(f"error: {model_dir} is not a kit checkpoint (no config.json).{hint}", file=sys.stderr)
+    if args.model is None and not model_dir.is_dir():
+        print(f"error: no --model given and no tiny-world model at {model_dir}; {HOW_TO_TRAIN}", file=sys.stderr)
         return 2
-    model, processor = load_for_inference(model_dir, args.device, args.dtype, args.load_4bit)
+    try:
+        images = [open_image(path) for path in args.image]  # before the slow model load: a typo fails fast
+        model, processor = load_for_inference(model_dir, args.device, args.dtype, args.load_4bit)
+    except LOAD_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     session = ChatSession(model, processor, generation)
+    for image in images:
+        session.attach(image)
+    if args.prompt is None:
+        quantised = ", 4-bit LLM" if args.load_4bit else ""
+        repl(session, f"rice_mllm chat: {model_dir} on {model.device} ({model.vision_tower.dtype}{quantised})")
+        return 0
     try:
-        for path in args.image:
-            session.attach(path)
-        if args.prompt is not None:
-            print(session.ask(args.prompt))
-            return 0
+        print(session.ask(args.prompt))
     except ChatInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    repl(session)
     return 0
 
 
 if __name__ == "__main__":
+    quiet_transformers()
     raise SystemExit(main())

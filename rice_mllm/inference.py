@@ -1,6 +1,7 @@
-"""Load a kit checkpoint for inference and answer one conversation: the code path chat and eval share.
+"""Load a kit checkpoint for inference and answer conversations: the code path chat and eval share.
 
 One renderer (the processor's ChatML) and one generate call, so chat, eval and training see the same text.
+Invariant: a batch answers each conversation as it would be answered alone (left padding, masked).
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ from PIL import Image
 from .data.collate import PaddingCollator
 from .mllm.modeling import RiceMllmForConditionalGeneration
 from .mllm.processing import RiceMllmProcessor
+from .train.lora import load_lora_dir, lora_base_dir
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Kept out of 4-bit: the vision side is small and its errors compound through every image token; the LM head is
+# one layer whose quantisation error lands directly on the logits.
+SKIP_4BIT = ["vision_tower", "projector", "lm_head"]
+# bitsandbytes' CPU 4-bit kernel (0.50) packs weights in blocks of 64 inputs and 32 outputs; other shapes crash
+# inside its forward with a bare reshape error, so they are refused at load time with the layer's name.
+CPU_4BIT_BLOCK = (32, 64)
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class CheckpointFormatError(ValueError):
+    """A directory that is not a loadable kit checkpoint."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -45,48 +58,126 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def quiet_transformers() -> None:
+    """For command-line runs only: hide transformers' loading progress bars and advisory warnings (errors stay).
+
+    It changes transformers' global logging, so CLI modules call it under `__main__`, never from `main`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def check_checkpoint_dir(checkpoint: Path) -> None:
+    """Raise CheckpointFormatError (saying what the directory is instead) unless it holds a kit checkpoint:
+    a full model (config.json) or a LoRA adapter whose base model directory still exists, with its processor."""
+    if not checkpoint.is_dir():
+        raise CheckpointFormatError(f"no such checkpoint directory: {checkpoint}")
+    if (checkpoint / ADAPTER_CONFIG).is_file():
+        base = Path(lora_base_dir(str(checkpoint)))
+        if not (base / "config.json").is_file():
+            raise CheckpointFormatError(f"{checkpoint} is a LoRA adapter over {base}, which holds no model any more")
+        required = ["processor_config.json"]
+    else:
+        required = ["config.json", "processor_config.json"]
+    missing = [name for name in required if not (checkpoint / name).is_file()]
+    if missing:
+        raise CheckpointFormatError(f"{checkpoint} is not a kit checkpoint: it has no {' or '.join(missing)}")
+
+
+def _load_model(checkpoint: Path, load_4bit: bool, **kwargs) -> RiceMllmForConditionalGeneration:
+    """A full checkpoint as is; a LoRA one over the base it names, merged (unless 4-bit: NF4 weights cannot
+    absorb the adapter, so it stays attached)."""
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        return RiceMllmForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
+    base = RiceMllmForConditionalGeneration.from_pretrained(lora_base_dir(str(checkpoint)), **kwargs)
+    adapted = load_lora_dir(base, str(checkpoint))
+    return adapted.get_base_model() if load_4bit else adapted.merge_and_unload()
+
+
+def _check_cpu_4bit_shapes(model: RiceMllmForConditionalGeneration) -> None:
+    import bitsandbytes as bnb
+
+    block_out, block_in = CPU_4BIT_BLOCK
+    bad = [
+        f"{name} ({module.out_features}x{module.in_features})"
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit) and (module.in_features % block_in or module.out_features % block_out)
+    ]
+    if bad:
+        raise ValueError(
+            f"bitsandbytes' CPU 4-bit kernel needs linear layers of multiples of {block_out} outputs x {block_in} "
+            f"inputs; these are not: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. Drop --load-4bit on CPU"
+        )
+
+
 def load_for_inference(
     checkpoint: str | Path, device: str = "auto", dtype: str = "auto", load_4bit: bool = False
 ) -> tuple[RiceMllmForConditionalGeneration, RiceMllmProcessor]:
     """Model (eval mode, on `device`) and processor of a kit checkpoint directory.
 
     Args:
-        checkpoint: directory written by training, merge or import.
+        checkpoint: directory written by training, merge or import (model and processor side by side), or a LoRA
+            checkpoint, loaded over the base model it records and merged.
         device, dtype: see `pick_device` / `pick_dtype`.
-        load_4bit: quantise the LLM's linear layers to 4-bit NF4 with bitsandbytes; the vision tower, projector and
-            LM head stay in `dtype`, where quantisation would cost the most accuracy for the least memory.
+        load_4bit: quantise the LLM's decoder linear layers to 4-bit NF4 with bitsandbytes while loading; the
+            vision tower, projector, `image_newline` and LM head stay in `dtype` (see SKIP_4BIT).
+
+    Raises:
+        CheckpointFormatError: not a kit checkpoint (missing directory or configs, LoRA adapter without its base).
+        CheckpointMismatchError: the weights do not match the config (names the keys).
     """
+    checkpoint = Path(checkpoint)
+    check_checkpoint_dir(checkpoint)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
-    kwargs = {"dtype": torch_dtype}
+    kwargs: dict = {"dtype": torch_dtype}
     if load_4bit:
         from transformers import BitsAndBytesConfig
 
+        # transformers' bnb quantiser swaps every nn.Linear not under a skipped module name for Linear4bit while
+        # loading; the kit's model needs nothing special for it (checked on CPU with bitsandbytes 0.50).
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch_dtype,
-            llm_int8_skip_modules=["vision_tower", "projector", "lm_head"],
+            llm_int8_skip_modules=SKIP_4BIT,
         )
         kwargs["device_map"] = {"": target}
-    model = RiceMllmForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
+    model = _load_model(checkpoint, load_4bit, **kwargs)
+    if load_4bit and target.type == "cpu":
+        _check_cpu_4bit_shapes(model)
     if not load_4bit:
         model = model.to(target)
     processor = RiceMllmProcessor.from_pretrained(checkpoint)
     return model.eval(), processor
 
 
+Conversation = tuple[Sequence[Mapping[str, str]], Sequence[Image.Image]]
+
+
 def prepare_inputs(
     processor: RiceMllmProcessor,
-    messages: Sequence[Mapping[str, str]],
-    images: Sequence[Image.Image],
+    conversations: Sequence[Conversation],
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """A batch of one, rendered with an open assistant turn, on the model's device."""
-    sample = processor(messages, images, add_generation_prompt=True)
-    batch = PaddingCollator(processor.pad_token_id)([sample])
+    """Render conversations with an open assistant turn and batch them, left-padded, on the model's device.
+
+    Generation appends to the right end of every row, so the rows must end together: padding goes on the left
+    (masked by attention_mask; transformers derives positions from the mask, so padding does not shift them).
+
+    Returns:
+        input_ids, attention_mask [B, T]; pixel_values [tiles, 3, S, S] in `dtype`; image_sizes [images, 2].
+    """
+    samples = [processor(messages, images, add_generation_prompt=True) for messages, images in conversations]
+    batch = PaddingCollator(processor.pad_token_id)(samples)
     batch.pop("labels")
+    lengths = [len(sample["input_ids"]) for sample in samples]
+    width = batch["input_ids"].shape[1]
+    for key in ("input_ids", "attention_mask"):
+        for row, length in enumerate(lengths):
+            batch[key][row] = batch[key][row].roll(width - length)
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     return {key: value.to(device) for key, value in batch.items()}
 
@@ -104,6 +195,38 @@ def generation_settings(processor: RiceMllmProcessor, max_new_tokens: int, tempe
     return settings
 
 
+def answer_batch(
+    model: RiceMllmForConditionalGeneration,
+    processor: RiceMllmProcessor,
+    conversations: Sequence[Conversation],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    **generate_kwargs,
+) -> list[str]:
+    """The assistant's reply to each (messages, images) pair, generated as one left-padded batch.
+
+    Args:
+        conversations: per conversation, messages whose `<image>` placeholders match its PIL images.
+        generate_kwargs: passed to `generate` (e.g. `streamer` for a batch of one, `stopping_criteria`).
+
+    Returns:
+        One reply per conversation, special tokens removed, surrounding whitespace stripped.
+    """
+    if not conversations:
+        return []
+    inputs = prepare_inputs(processor, conversations, model.device, model.vision_tower.dtype)
+    settings = generation_settings(processor, max_new_tokens, temperature, top_p)
+    tokens = model.generate(**inputs, **settings, **generate_kwargs)  # [B, new_tokens]
+    eos = settings["eos_token_id"]
+    replies = []
+    for row in tokens.tolist():
+        # Rows that finished early are filled with padding after their <|im_end|>: cut there.
+        row = row[: row.index(eos)] if eos in row else row
+        replies.append(processor.tokenizer.decode(row, skip_special_tokens=True).strip())
+    return replies
+
+
 def answer(
     model: RiceMllmForConditionalGeneration,
     processor: RiceMllmProcessor,
@@ -112,10 +235,9 @@ def answer(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    streamer=None,
+    **generate_kwargs,
 ) -> str:
-    """The assistant's reply to `messages` (whose `<image>` placeholders match `images`)."""
-    inputs = prepare_inputs(processor, messages, images, model.device, model.vision_tower.dtype)
-    settings = generation_settings(processor, max_new_tokens, temperature, top_p)
-    tokens = model.generate(**inputs, streamer=streamer, **settings)
-    return processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+    """The assistant's reply to `messages` (whose `<image>` placeholders match `images`); see `answer_batch`."""
+    return answer_batch(model, processor, [(messages, images)], max_new_tokens, temperature, top_p, **generate_kwargs)[
+        0
+    ]

@@ -49,3 +49,8 @@ class RiceMllmConfig(PreTrainedConfig):
     def from_presets(cls, vision: str, text: str, **kwargs) -> RiceMllmConfig:
         """Compose a config from a vision preset and an LLM preset (names from `rice_mllm.list_presets()`)."""
         return cls(vision_config=load_preset(vision), text_config=load_preset(text), **kwargs)
+
+
+# transformers' extension point for custom architectures: lets AutoConfig (and AutoTokenizer, which peeks at
+# config.json) read a kit checkpoint directory instead of warning about an unknown model type.
+AutoConfig.register(RiceMllmConfig.model_type, RiceMllmConfig)

@@ -1,0 +1,217 @@
+"""Margin-based cluster discrimination losses of RICE stage 0 (DESIGN.md section 4) with PartialFC negative sampling.
+
+Invariant: with centres sharded over ranks, loss and gradients equal the single-process loss of the global batch.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Classes [start, end) held by `rank`: contiguous, sizes differ by at most one."""
+    return num_classes * rank // world_size, num_classes * (rank + 1) // world_size
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather of rows (sizes may differ per rank); backward sums the gradients of all ranks."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+        sizes = [int(s.item()) for s in sizes]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.start, ctx.end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss depends on every row through its own class shard: sum those partials.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.end]
+
+
+def gather_rows(local: torch.Tensor, differentiable: bool = True) -> torch.Tensor:
+    """Concatenate the rows of `local` from all ranks in rank order ([M_r, ...] -> [sum M_r, ...])."""
+    _, world = _world()
+    if world == 1:
+        return local
+    if differentiable:
+        return _GatherWithGrad.apply(local)
+    with torch.no_grad():
+        return _GatherWithGrad.apply(local)
+
+
+def _global(local: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Value reduced over ranks, gradient of the local part only: exact gradients of the global loss,
+    because every other rank back-propagates its own local part."""
+    _, world = _world()
+    if world == 1:
+        return local
+    total = local.detach().clone()
+    dist.all_reduce(total, op=op)
+    return total + (local - local.detach())
+
+
+def sample_classes(
+    positives: torch.Tensor, num_classes: int, sample_ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """PartialFC class sampling on one shard: all positives plus uniformly drawn negatives.
+
+    Args:
+        positives: [P] local class ids (0 <= id < num_classes) that must be scored; repeats allowed.
+        num_classes: classes in the shard.
+        sample_ratio: fraction of the shard to score; 1 keeps every class.
+        generator: RNG for the negatives (on the device of `positives`).
+
+    Returns:
+        [S] sorted unique class ids, S = max(ceil(ratio * num_classes), #unique positives).
+    """
+    if not 0.0 < sample_ratio <= 1.0:
+        raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
+    device = positives.device
+    num_sample = min(num_classes, math.ceil(sample_ratio * num_classes))
+    if num_sample == num_classes:
+        return torch.arange(num_classes, device=device)
+    # Random scores in [0, 1) for all classes, 2 for positives: the top-S are the positives then random negatives.
+    scores = torch.rand(num_classes, device=device, generator=generator)
+    scores[positives] = 2.0
+    num_sample = max(num_sample, int(torch.unique(positives).numel()))
+    return torch.topk(scores, num_sample, sorted=False).indices.sort().values
+
+
+class _ClusterDiscriminationLoss(nn.Module):
+    """Shared maths of both losses; labels are [M, P] positive class ids padded with -1.
+
+    Per region i with positive classes P_i and scored negatives N_i (cosines c of L2-normalised vectors):
+    L_i = sum_{j in P_i} log(1 + exp(-s (c_ij - m))) + log(1 + sum_{j in N_i} exp(s c_ij)), averaged over valid
+    regions. The value on every rank is the loss of the global batch; backward gives each rank the exact gradient
+    of it for its own embeddings and centre rows. So DDP's averaging divides the encoder's gradient by the world
+    size, and the centres must stay out of DDP/ZeRO averaging (their rows differ per rank).
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, scale: float, margin: float, sample_ratio: float) -> None:
+        super().__init__()
+        rank, world = _world()
+        self.num_classes, self.scale, self.margin, self.sample_ratio = num_classes, scale, margin, sample_ratio
+        self.class_start, self.class_end = shard_range(num_classes, rank, world)
+        # This rank's rows of the [K, E] centre matrix; normalised at use, so the init scale is irrelevant.
+        self.weight = nn.Parameter(torch.randn(self.class_end - self.class_start, embed_dim).mul_(0.01))
+
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if embeddings.shape[0] != labels.shape[0]:
+            raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} label rows")
+        bad = (labels < -1) | (labels >= self.num_classes)
+        if bad.any():
+            raise ValueError(f"labels must be -1 or in [0, {self.num_classes}); got {labels[bad][:8].tolist()}")
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)  # exp(64) needs fp32 range
+        embeddings = F.normalize(gather_rows(embeddings).to(dtype), dim=-1)  # [M, E]
+        labels = gather_rows(labels, differentiable=False)  # [M, P]
+        valid = (labels >= 0).any(dim=1)  # [M]
+        num_valid = int(valid.sum())
+        if num_valid == 0:
+            # Keep every parameter in the graph so DDP / ZeRO see a gradient (zero) on every rank.
+            return (embeddings.sum() + self.weight.sum()) * 0.0
+        # Positives in this shard, as local ids, then the scored classes.
+        local = labels - self.class_start
+        in_shard = (labels >= 0) & (local >= 0) & (local < self.weight.shape[0])
+        index = sample_classes(local[in_shard], self.weight.shape[0], self.sample_ratio, generator)  # [S]
+        centres = F.normalize(self.weight[index].to(dtype), dim=-1)  # [S, E]
+        cosine = embeddings @ centres.T  # [M, S]
+        # (row, sampled slot) of every positive in this shard; repeats within a row count once.
+        num_sample = index.numel()
+        slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=labels.device)
+        slot[index] = torch.arange(num_sample, device=labels.device)
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[in_shard]
+        pairs = torch.unique(rows * num_sample + slot[local[in_shard]])
+        rows, cols = pairs // num_sample, pairs % num_sample
+        # Positives are few: gather their cosines instead of touching the whole [M, S] matrix.
+        positive_loss = F.softplus(-self.scale * (cosine[rows, cols] - self.margin))  # [Q]
+        positive_term = _global(positive_loss.new_zeros(labels.shape[0]).index_add(0, rows, positive_loss))  # [M]
+        # log(1 + sum_neg exp(s c)) from per-shard log-sum-exps and a shared shift, exact across shards.
+        logits = cosine * self.scale
+        # A finite floor, not -inf: a row whose scored classes are all positives must not produce NaN gradients.
+        logits[rows, cols] = torch.finfo(dtype).min
+        local_lse = torch.logsumexp(logits, dim=1)  # [M]
+        shift = _global(local_lse.detach().clamp(min=0.0), op=dist.ReduceOp.MAX)  # [M]
+        neg_sum = _global(torch.exp(local_lse - shift))  # [M]
+        negative_term = shift + torch.log(torch.exp(-shift) + neg_sum)
+        return ((positive_term + negative_term) * valid).sum() / num_valid
+
+
+class ClusterMarginLoss(_ClusterDiscriminationLoss):
+    """Single-label cluster discrimination for object regions (one positive centre per region).
+
+    Args:
+        num_classes: K cluster centres (all ranks together; each rank holds K / world rows in `weight`).
+        embed_dim: E, the region embedding size.
+        scale: s. margin: m, subtracted from the positive cosine.
+        sample_ratio: rho, fraction of each shard's classes scored per step (PartialFC); 1 = all.
+    """
+
+    def __init__(
+        self, num_classes: int, embed_dim: int, scale: float = 64.0, margin: float = 0.3, sample_ratio: float = 1.0
+    ) -> None:
+        super().__init__(num_classes, embed_dim, scale, margin, sample_ratio)
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Loss of the global batch.
+
+        Args:
+            embeddings: [M, E] this rank's region embeddings (M may differ per rank).
+            labels: [M] cluster ids; -1 marks a region to ignore.
+            generator: RNG for negative sampling.
+
+        Returns:
+            Scalar: mean over valid regions of all ranks.
+        """
+        if labels.dim() != 1:
+            raise ValueError(f"ClusterMarginLoss takes labels [M], got shape {tuple(labels.shape)}")
+        return self._loss(embeddings, labels[:, None], generator)
+
+
+class MultiLabelClusterLoss(_ClusterDiscriminationLoss):
+    """Multi-label cluster discrimination for OCR regions: every token id of the text is a positive class.
+
+    Args: as `ClusterMarginLoss`, with `num_classes` = the tokenizer's vocabulary size.
+    """
+
+    def __init__(
+        self, num_classes: int, embed_dim: int, scale: float = 64.0, margin: float = 0.3, sample_ratio: float = 1.0
+    ) -> None:
+        super().__init__(num_classes, embed_dim, scale, margin, sample_ratio)
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Loss of the global batch.
+
+        Args:
+            embeddings: [M, E] this rank's region embeddings.
+            labels: [M, P] token ids padded with -1 (repeats count once); rows of only -1 are ignored.
+            generator: RNG for negative sampling.
+
+        Returns:
+            Scalar: mean over valid regions of all ranks.
+        """
+        if labels.dim() != 2:
+            raise ValueError(f"MultiLabelClusterLoss takes labels [M, P], got shape {tuple(labels.shape)}")
+        return self._loss(embeddings, labels, generator)

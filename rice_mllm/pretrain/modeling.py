@@ -1,0 +1,133 @@
+"""RicePretrainModel: RICE-ViT + region head + cluster discrimination losses (stage 0, DESIGN.md section 4).
+
+Only the encoder is the stage-0 artefact (`save_encoder`, MLCD layout); the head and class centres are trainer state.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rice_mllm.pretrain.losses import ClusterMarginLoss, MultiLabelClusterLoss
+from rice_mllm.pretrain.region_data import OBJECT, OCR
+from rice_mllm.pretrain.region_head import RegionHead
+from rice_mllm.vision import RiceVisionConfig, RiceVisionModel
+
+
+@dataclass
+class RegionPretrainConfig:
+    """Stage-0 head and loss settings (paper values as defaults).
+
+    Attributes:
+        num_clusters: K object clusters (the labelling command's --num-clusters).
+        vocab_size: OCR classes = the LLM tokenizer's vocabulary size; 0 disables the OCR loss.
+        embed_dim: E of the region embeddings and class centres.
+        scale, margin: s and m of both losses.
+        sample_ratio, ocr_sample_ratio: PartialFC rho of the object and OCR losses.
+        ocr_loss_weight: weight of the OCR loss in the total.
+    """
+
+    num_clusters: int
+    vocab_size: int = 0
+    embed_dim: int = 512
+    scale: float = 64.0
+    margin: float = 0.3
+    sample_ratio: float = 0.1
+    ocr_sample_ratio: float = 0.1
+    ocr_loss_weight: float = 1.0
+
+
+@dataclass
+class RicePretrainOutput:
+    """loss = object_loss + ocr_loss_weight * ocr_loss (scalars, means over the global batch); num_objects and
+    num_ocr count this rank's valid regions (for logging)."""
+
+    loss: torch.Tensor
+    object_loss: torch.Tensor
+    ocr_loss: torch.Tensor
+    num_objects: int
+    num_ocr: int
+
+
+class RicePretrainModel(nn.Module):
+    """Encoder + RegionHead + ClusterMarginLoss (objects) + MultiLabelClusterLoss (OCR).
+
+    Args:
+        vision_config: the encoder architecture.
+        config: head and loss settings.
+    """
+
+    def __init__(self, vision_config: RiceVisionConfig, config: RegionPretrainConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = RiceVisionModel(vision_config)
+        self.region_head = RegionHead(vision_config.hidden_size, config.embed_dim)
+        loss_args = {"scale": config.scale, "margin": config.margin}
+        self.object_loss = ClusterMarginLoss(
+            config.num_clusters, config.embed_dim, sample_ratio=config.sample_ratio, **loss_args
+        )
+        self.ocr_loss = (
+            MultiLabelClusterLoss(
+                config.vocab_size, config.embed_dim, sample_ratio=config.ocr_sample_ratio, **loss_args
+            )
+            if config.vocab_size > 0
+            else None
+        )
+
+    @classmethod
+    def from_encoder(cls, encoder_dir: str | Path, config: RegionPretrainConfig) -> "RicePretrainModel":
+        """Start from a saved encoder (e.g. the 560 px finetune from the 224 px run); head and centres are new."""
+        encoder = RiceVisionModel.from_pretrained(encoder_dir)
+        model = cls(encoder.config, config)
+        model.encoder = encoder
+        return model
+
+    def sharded_parameter_names(self) -> list[str]:
+        """Names of the class-centre parameters, whose rows differ per rank: keep them out of DDP/ZeRO gradient
+        averaging and save them per rank (trainer state), unlike every other parameter."""
+        return [name for name, _ in self.named_parameters() if name.startswith(("object_loss.", "ocr_loss."))]
+
+    def save_encoder(self, out_dir: str | Path) -> None:
+        """Write the stage-0 artefact: the plain encoder in the MLCD layout (config.json + model.safetensors)."""
+        self.encoder.save_pretrained(out_dir)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        boxes: torch.Tensor,
+        kinds: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> RicePretrainOutput:
+        """One encoder pass for all regions, then both losses (called on every rank, even with no region of a kind,
+        because the losses communicate).
+
+        Args:
+            pixel_values: [B, 3, S, S]; boxes: [B, N, 4] xyxy pixels of the input; kinds: [B, N] OBJECT/OCR;
+            labels: [B, N, P] cluster id in column 0 (objects) or token ids (OCR), padded with -1; valid: [B, N].
+            (the keys of `region_data.collate_regions`, so `model(**batch)` works)
+
+        Returns:
+            RicePretrainOutput.
+        """
+        patch = self.encoder.config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        hidden = self.encoder(pixel_values).last_hidden_state  # [B, 1+HW, D]
+        embeddings = self.region_head(hidden, boxes, grid, patch).flatten(0, 1)  # [B*N, E]
+        kinds, labels, valid = kinds.flatten(), labels.flatten(0, 1), valid.flatten()  # [B*N], [B*N, P], [B*N]
+        objects, ocr = valid & (kinds == OBJECT), valid & (kinds == OCR)
+        object_loss = self.object_loss(embeddings[objects], labels[objects, 0])
+        if self.ocr_loss is None:
+            if ocr.any():
+                raise ValueError(f"{int(ocr.sum())} OCR regions in the batch but vocab_size=0 (no OCR loss)")
+            ocr_loss = object_loss.new_zeros(())
+        else:
+            ocr_loss = self.ocr_loss(embeddings[ocr], labels[ocr])
+        return RicePretrainOutput(
+            loss=object_loss + self.config.ocr_loss_weight * ocr_loss,
+            object_loss=object_loss,
+            ocr_loss=ocr_loss,
+            num_objects=int(objects.sum()),
+            num_ocr=int(ocr.sum()),
+        )

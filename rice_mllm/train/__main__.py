@@ -1,0 +1,5 @@
+"""`python -m rice_mllm.train --config recipes/X.yaml [a.b=value ...]`: run one training stage."""
+
+from .trainer import main
+
+main()

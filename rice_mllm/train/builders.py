@@ -1,0 +1,123 @@
+"""What a training run is built from: processor, model, dataset and collator, each from the TrainConfig.
+
+The trainer reaches the model, processor and data only through these four functions (bundled in `Builders`, which
+tests replace to run the same loop on other models). Invariant: building is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from ..data.collate import PaddingCollator
+from ..data.dataset import ConversationDataset
+from ..data.sources import Conversation, conversation_from_raw, iter_raw_records, load_conversations, parse_record
+from ..mllm.assembly import TINY_TOKENIZER, assemble_model
+from ..mllm.assembly import build_processor as assemble_processor
+from ..mllm.modeling import RiceMllmForConditionalGeneration
+from ..mllm.processing import RiceMllmProcessor
+from ..presets import list_presets, load_preset
+from ..vision import RiceVisionModel
+from .checkpoint import resolve_model_dir
+from .config import TrainConfig
+from .engine import barrier, rank
+
+logger = logging.getLogger(__name__)
+
+
+def _init_dir(config: TrainConfig) -> Path:
+    model_dir = resolve_model_dir(config.model.init_from)
+    if (model_dir / "adapter_config.json").is_file():
+        raise ValueError(
+            f"model.init_from={config.model.init_from} is a LoRA adapter: merge it first "
+            f"(python -m rice_mllm.train.merge {config.model.init_from} MERGED_DIR) and start from MERGED_DIR"
+        )
+    return model_dir
+
+
+def build_processor(config: TrainConfig) -> RiceMllmProcessor:
+    """The checkpoint's processor (`model.init_from`), else one over `model.tokenizer` with the tower's tile size.
+
+    `data.max_length` always applies: longer samples are refused by the processor, never truncated.
+    """
+    m = config.model
+    if m.init_from is not None:
+        loaded = RiceMllmProcessor.from_pretrained(_init_dir(config))
+        return RiceMllmProcessor(loaded.tokenizer, loaded.image_processor, max_length=config.data.max_length)
+    if m.vision in list_presets():
+        vision = load_preset(m.vision)
+    else:
+        vision = RiceVisionModel.config_class.from_pretrained(m.vision).to_dict()
+    tokenizer = m.tokenizer or (TINY_TOKENIZER if m.llm in list_presets() else m.llm)
+    return assemble_processor(
+        tokenizer, vision["image_size"], vision["patch_size"], m.max_tiles, m.max_grid_tiles, config.data.max_length
+    )
+
+
+def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
+    """The kit checkpoint `model.init_from`, else a model assembled from `model.vision` and `model.llm`
+    (preset names start random; paths / hub ids load their weights; projector and image_newline start random)."""
+    if config.model.init_from is not None:
+        return RiceMllmForConditionalGeneration.from_pretrained(_init_dir(config))
+    return assemble_model(config.model.vision, config.model.llm, processor)
+
+
+def _load_conversations(path: Path, image_folder: str | None) -> list[Conversation]:
+    if image_folder is None:  # relative image paths resolve against the data file's folder
+        return load_conversations(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    return [
+        conversation_from_raw(raw, path)
+        if raw.error
+        else parse_record(raw.value, str(path), raw.index, Path(image_folder))
+        for raw in iter_raw_records(path)
+    ]
+
+
+def build_dataset(config: TrainConfig, processor: RiceMllmProcessor) -> Dataset:
+    """All records of `data.train_files` in order; generates the tiny world first when `data.tiny_world` is set.
+
+    Raises:
+        ValueError: no train file is configured.
+    """
+    d = config.data
+    if d.tiny_world is not None:
+        from ..data.synthetic import ensure_generated
+
+        if rank() == 0:  # the generator is not safe to run from several processes at once
+            # the world's own seed stays fixed: a training seed must not regenerate the data other stages use
+            ensure_generated(d.tiny_world, num_images=d.tiny_world_images)
+        barrier()
+    if not d.train_files:
+        raise ValueError("data.train_files is empty: name LLaVA .json/.jsonl files")
+    parts = []
+    for file in d.train_files:
+        conversations = _load_conversations(Path(file), d.image_folder)
+        logger.info("%s: %d records", file, len(conversations))
+        parts.append(ConversationDataset(conversations, processor))
+    return ConcatDataset(parts)
+
+
+def build_collator(config: TrainConfig, processor: RiceMllmProcessor) -> Callable[[list], dict]:
+    """Right-padding collator with the tokenizer's pad id (the processor batch contract)."""
+    return PaddingCollator(processor.pad_token_id)
+
+
+@dataclass(frozen=True)
+class Builders:
+    """The four integration points, injectable so tests (and other models) run the same loop."""
+
+    processor: Callable[[TrainConfig], Any] = build_processor
+    model: Callable[[TrainConfig, Any], nn.Module] = build_model
+    dataset: Callable[[TrainConfig, Any], Dataset] = build_dataset
+    collator: Callable[[TrainConfig, Any], Callable] = build_collator
+
+
+DEFAULT_BUILDERS = Builders()

@@ -1,0 +1,157 @@
+"""The eval command: answer normalisation, per-type scoring, batched predictions equal to one-by-one generate,
+and --blank-images that leaves no trace of the images in the answers."""
+
+import json
+from collections import Counter
+
+import pytest
+from PIL import Image
+from tiny_kit import reference_reply, save_tiny_kit
+
+from rice_mllm.data.sources import Conversation, load_conversations
+from rice_mllm.data.synthetic import generate
+from rice_mllm.eval import EvalRecordError, eval_item, exact_match, main, normalize_answer, predict, score
+from rice_mllm.inference import load_for_inference
+from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+from rice_mllm.mllm.processing import RiceMllmProcessor
+
+MAX_NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny-world QA file (11 records over 6 question types, text-only and two-image ones included) and a model."""
+    root = tmp_path_factory.mktemp("eval")
+    generate(root / "world", seed=0, num_images=1, num_heldout=3)
+    return root / "world" / "qa_heldout.json", save_tiny_kit(root / "kit")
+
+
+@pytest.mark.parametrize(
+    "prediction, reference, equal",
+    [
+        ("Red.", "red", True),
+        ("  the   Blue\tcircle!\n", "the blue circle", True),
+        ('"top-left"', "top-left", True),
+        ("top left", "top-left", False),  # inner punctuation is part of the answer
+        ("3.", "3", True),
+        ("red square", "red", False),
+        ("reds", "red", False),
+        ("", "...", True),
+    ],
+)
+def test_exact_match_normalises_case_outer_punctuation_and_spaces(prediction, reference, equal):
+    assert exact_match(prediction, reference) is equal
+
+
+def test_normalize_answer_by_hand():
+    assert normalize_answer("  ¿Qué?  OK,  Fine. ") == "¿qué? ok, fine"  # "¿" is not ASCII punctuation: kept
+
+
+def _record(index, question_type, answer):
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]
+    metadata = {"id": f"r{index}"} | ({} if question_type is None else {"question_type": question_type})
+    return eval_item(Conversation(messages, [], "hand.json", index, metadata))
+
+
+def test_score_counts_and_accuracy_per_type():
+    items = [_record(0, "colour", "red"), _record(1, "colour", "blue"), _record(2, "count", "3"), _record(3, None, "x")]
+    report = score(items, ["Red", "green", "3.", "y"])
+    assert report["per_type"] == {
+        "all": {"count": 1, "correct": 0, "accuracy": 0.0},
+        "colour": {"count": 2, "correct": 1, "accuracy": 0.5},
+        "count": {"count": 1, "correct": 1, "accuracy": 1.0},
+    }
+    assert report["overall"] == {"count": 4, "correct": 2, "accuracy": 0.5}
+    assert [row["correct"] for row in report["predictions"]] == [True, False, True, False]
+
+
+def test_records_without_a_final_answer_are_refused_by_name():
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "?"},
+    ]
+    with pytest.raises(EvalRecordError, match=r"hand.json record 7: the last turn must be an assistant answer"):
+        eval_item(Conversation(messages, [], "hand.json", 7, {}))
+
+
+def test_records_the_processor_refuses_are_named(world):
+    data_file, checkpoint = world
+    model, processor = load_for_inference(checkpoint, "cpu")
+    good, bad = load_conversations(data_file)[:2]
+    assert len(bad.images) == 1
+    bad.messages[0]["content"] = "<image>\n" + bad.messages[0]["content"]  # two placeholders, one image
+    with pytest.raises(EvalRecordError, match=r"qa_heldout.json record 1: 2 <image> placeholder\(s\)"):
+        predict(model, processor, [eval_item(good), eval_item(bad)], batch_size=2, progress=False)
+
+
+def _reference_predictions(data_file, checkpoint):
+    """One-by-one greedy replies, prompts = each record's turns before its last, images opened with PIL here."""
+    model = RiceMllmForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = RiceMllmProcessor.from_pretrained(checkpoint)
+    roles = {"human": "user", "gpt": "assistant"}
+    replies = []
+    for record in json.loads(data_file.read_text()):
+        messages = [{"role": roles[turn["from"]], "content": turn["value"]} for turn in record["conversations"][:-1]]
+        paths = record.get("image", [])
+        paths = [paths] if isinstance(paths, str) else paths
+        images = [Image.open(data_file.parent / path).convert("RGB") for path in paths]
+        replies.append(reference_reply(model, processor, messages, images, MAX_NEW_TOKENS))
+    return replies
+
+
+def test_eval_command_reports_every_record_by_type(world, tmp_path, capsys):
+    data_file, checkpoint = world
+    records = json.loads(data_file.read_text())
+    expected = _reference_predictions(data_file, checkpoint)
+    # Even records get the model's own answer (case and punctuation changed) as reference: those, and only those
+    # unless a random answer happens to equal the real one, must score as correct.
+    for index, (record, prediction) in enumerate(zip(records, expected, strict=True)):
+        if index % 2 == 0:
+            record["conversations"][-1]["value"] = prediction.upper() + "."
+    edited = data_file.parent / "qa_edited.json"
+    edited.write_text(json.dumps(records))
+    report_file = tmp_path / "out" / "report.json"
+    argv = ["--model", str(checkpoint), "--data", str(edited), "--batch-size", "4", "--device", "cpu"]
+    report = main([*argv, "--max-new-tokens", str(MAX_NEW_TOKENS), "--report", str(report_file), "--no-progress"])
+
+    per_type = Counter(record["question_type"] for record in records)
+    assert {kind: stats["count"] for kind, stats in report["per_type"].items()} == per_type
+    assert len(per_type) >= 5 and report["overall"]["count"] == len(records)
+    assert [row["prediction"] for row in report["predictions"]] == expected  # left-padded batches = one by one
+    originals = [record["conversations"][-1]["value"] for record in json.loads(data_file.read_text())]
+    pairs = enumerate(zip(expected, originals, strict=True))
+    correct = [index % 2 == 0 or prediction.lower() == original.lower() for index, (prediction, original) in pairs]
+    assert [row["correct"] for row in report["predictions"]] == correct
+    assert report["overall"]["correct"] == sum(correct)
+    assert json.loads(report_file.read_text()) == report
+    table = capsys.readouterr().out.splitlines()
+    overall = report["overall"]
+    assert table[-1].split() == ["overall", str(len(records)), str(sum(correct)), f"{overall['accuracy']:.3f}"]
+    for kind, count in per_type.items():
+        assert any(line.split()[:2] == [kind, str(count)] for line in table)
+
+
+def test_limit_takes_the_first_records(world):
+    data_file, checkpoint = world
+    argv = ["--model", str(checkpoint), "--data", str(data_file), "--limit", "3", "--no-progress"]
+    report = main([*argv, "--max-new-tokens", "1"])
+    assert [row["index"] for row in report["predictions"]] == [0, 1, 2]
+
+
+def test_blank_images_remove_what_the_images_show_and_their_size(world, tmp_path):
+    data_file, checkpoint = world
+    model, processor = load_for_inference(checkpoint, "cpu")
+    items = [eval_item(c) for c in load_conversations(data_file) if len(c.images) == 1][:4]
+    # The same questions over other images (of other sizes): each record gets the next record's image.
+    shifted = [
+        eval_item(Conversation(item.conversation.messages, nxt.conversation.images, "shifted", item.index, {}))
+        for item, nxt in zip(items, items[1:] + items[:1], strict=True)
+    ]
+    assert len({Image.open(item.conversation.images[0]).size for item in items}) > 1
+
+    def answers(selected, blank):
+        return predict(model, processor, selected, 8, blank, progress=False, max_new_tokens=MAX_NEW_TOKENS)
+
+    assert answers(items, blank=False) != answers(shifted, blank=False)  # the images do change the answers
+    assert answers(items, blank=True) == answers(shifted, blank=True)
