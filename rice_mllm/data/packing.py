@@ -140,6 +140,10 @@ class PackedBatchSampler(Sampler[list[int]]):
     def __init__(
         self, lengths: Sequence[int], max_tokens: int, rows_per_batch: int, lookahead: int = 256, seed: int = 0
     ) -> None:
+        if min(max_tokens, rows_per_batch, lookahead) < 1:
+            raise ValueError(
+                f"max_tokens, rows_per_batch, lookahead must be positive: {max_tokens, rows_per_batch, lookahead}"
+            )
         _check_lengths(lengths, max_tokens, range(len(lengths)))
         self.lengths = list(lengths)
         self.max_tokens = max_tokens
