@@ -84,3 +84,13 @@ def test_parameter_table_counts():
     assert rows["projector"] == [f"{projector:,}", f"{projector:,}"]
     assert rows["llm"] == ["0", f"{llm:,}"]
     assert rows["total"] == [f"{projector + model.image_newline.numel():,}", f"{total:,}"]
+
+
+def test_lr_scale_multiplies_every_stage_lr():
+    model = ToyMllm(ToyMllmConfig())
+    stage = get_stage("stage2_instruct")
+    groups = apply_stage(model, stage, ["vision"], lr_scale=100.0)
+    expected = {**stage.train, **stage.optional}
+    assert {g["name"].removesuffix("_no_decay"): g["lr"] for g in groups} == {
+        part: lr * 100.0 for part, lr in expected.items()
+    }

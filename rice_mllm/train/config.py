@@ -40,6 +40,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     weight_decay: float = 0.0
+    lr_scale: float = 1.0  # multiplies the stage table's learning rates (stages.py), keeping their ratios
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
     epochs: int = 1

@@ -97,7 +97,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def apply_stage(
-    model: nn.Module, stage: Stage, optional_parts: list[str] = (), weight_decay: float = 0.0
+    model: nn.Module, stage: Stage, optional_parts: list[str] = (), weight_decay: float = 0.0, lr_scale: float = 1.0
 ) -> list[dict]:
     """Freeze the whole model, unfreeze the stage's parts, and build optimizer parameter groups.
 
@@ -110,6 +110,8 @@ def apply_stage(
         stage: the stage table.
         optional_parts: names from `stage.optional` to train as well.
         weight_decay: applied to >=2-D weights; biases and 1-D parameters get 0.
+        lr_scale: multiplies every learning rate of the table, keeping their ratios (a model trained from scratch,
+            like the tiny world's, needs far larger steps than the 7B-scale table).
 
     Returns:
         torch.optim parameter groups, each with `name`, `params`, `lr` and `weight_decay`; empty groups are left out.
@@ -143,8 +145,8 @@ def apply_stage(
         decay = [p for n, p in named if not _no_decay(n, p)]
         plain = [p for n, p in named if _no_decay(n, p)]
         groups += [
-            {"name": part, "params": decay, "lr": float(lr), "weight_decay": weight_decay},
-            {"name": f"{part}_no_decay", "params": plain, "lr": float(lr), "weight_decay": 0.0},
+            {"name": part, "params": decay, "lr": float(lr) * lr_scale, "weight_decay": weight_decay},
+            {"name": f"{part}_no_decay", "params": plain, "lr": float(lr) * lr_scale, "weight_decay": 0.0},
         ]
     groups = [g for g in groups if g["params"]]
     if not groups:

@@ -141,7 +141,7 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
             if hasattr(processor, "save_pretrained"):
                 processor.save_pretrained(lora_base)
         model = inject_lora(model, stage.lora)
-    groups = apply_stage(model, stage, config.optional_parts, config.optim.weight_decay)
+    groups = apply_stage(model, stage, config.optional_parts, config.optim.weight_decay, config.optim.lr_scale)
     if rank() == 0:
         tqdm.write(f"stage {config.stage}\n{parameter_table(model)}")
     dataset = builders.dataset(config, processor)
