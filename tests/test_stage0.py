@@ -75,6 +75,18 @@ def test_stage0_labels_once_saves_the_encoder_only_and_resumes_exactly(tmp_path)
     assert tower.keys() == encoder.keys() and all(torch.equal(tower[k], encoder[k]) for k in tower)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pretrain.teacher=some/encoder", r"pretrain.num_clusters"),
+        ("model.init_from=some/run", r"model.vision=<encoder dir>"),
+    ],
+)
+def test_stage0_settings_it_cannot_use_are_refused_by_name(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        main([*_small_args(tmp_path, "run"), "deepspeed=null", override])
+
+
 def _random_encoder_weight() -> torch.Tensor:
     torch.manual_seed(0)  # the trainer's seed: the build the run started from
     return RiceVisionModel(RiceVisionConfig(**load_preset("rice-vit-tiny"))).state_dict()[

@@ -51,13 +51,13 @@ def _label(config: TrainConfig, tokenizer: str) -> Path:
             f"pretrain.teacher={p.teacher!r} labels one region file, got data.train_files={files}: label them together "
             "with `python -m rice_mllm.pretrain.clusters` and set pretrain.teacher=null"
         )
+    if p.num_clusters is None and p.teacher != LABEL_HASH_TEACHER:
+        raise ValueError(f"pretrain.teacher={p.teacher!r} needs pretrain.num_clusters (K of k-means)")
     out = Path(config.output_dir) / "regions" / f"{Path(files[0]).stem}.labelled.jsonl"
-    if rank() == 0 and not out.is_file():
-        num_clusters = p.num_clusters
-        if num_clusters is None:
-            if p.teacher != LABEL_HASH_TEACHER:
-                raise ValueError(f"pretrain.teacher={p.teacher!r} needs pretrain.num_clusters (K of k-means)")
-            num_clusters = len(set(_object_values([Path(files[0])], "label")))
+    if rank() == 0 and out.is_file():
+        logger.info("reusing the labelled %s (delete it to relabel)", out)
+    elif rank() == 0:
+        num_clusters = p.num_clusters or len(set(_object_values([Path(files[0])], "label")))
         tmp = out.with_name(out.name + ".tmp")  # a crash mid-write must not leave a file that looks labelled
         counts = label_region_file(files[0], tmp, p.teacher, num_clusters, tokenizer_dir=tokenizer)
         os.replace(tmp, out)
@@ -84,8 +84,9 @@ def build_region_inputs(config: TrainConfig) -> RegionInputs:
     if num_clusters < 1:
         raise ValueError(f"{[str(f) for f in files]}: no object carries a 'cluster' (set pretrain.teacher)")
     vision = vision_source(config)
-    vision_config = RiceVisionConfig(**load_preset(vision)) if vision in list_presets() else None
-    if vision_config is None:
+    if vision in list_presets():
+        vision_config = RiceVisionConfig(**load_preset(vision))
+    else:
         vision_config = RiceVisionConfig.from_pretrained(vision)
     vocab_size = len(AutoTokenizer.from_pretrained(str(tokenizer)))
     return RegionInputs(files, num_clusters, vocab_size, vision_config)
