@@ -23,7 +23,7 @@ from rice_mllm.train.trainer import main
 from tests.toy_mllm import ToyDataset, ToyMllm, ToyMllmConfig, collate, toy_builders
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["stage1_align", "stage2_instruct", "finetune_lora"]
+RECIPES = ["stage0_rice_pretrain", "stage1_align", "stage2_instruct", "finetune_lora"]
 ZERO2 = ROOT / "recipes" / "ds_zero2.json"
 
 

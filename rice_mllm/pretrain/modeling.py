@@ -88,9 +88,25 @@ class RicePretrainModel(nn.Module):
         averaging and save them per rank (trainer state), unlike every other parameter."""
         return [name for name, _ in self.named_parameters() if name.startswith(("object_loss.", "ocr_loss."))]
 
-    def save_encoder(self, out_dir: str | Path) -> None:
-        """Write the stage-0 artefact: the plain encoder in the MLCD layout (config.json + model.safetensors)."""
-        self.encoder.save_pretrained(out_dir)
+    def unused_parameter_names(self) -> list[str]:
+        """The encoder's pooled-CLS norm: the region losses read only the last hidden state, so trainers freeze it
+        (DDP and ZeRO would otherwise wait for its gradient)."""
+        return [f"encoder.{name}" for name, _ in self.encoder.named_parameters() if "post_layernorm" in name]
+
+    def save_encoder(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the stage-0 artefact: the plain encoder in the MLCD layout (config.json + model.safetensors).
+
+        Args:
+            out_dir: the folder to write.
+            state_dict: this model's full state dict (e.g. gathered from ZeRO-3); None: the live weights.
+        """
+        if state_dict is not None:
+            state_dict = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+        self.encoder.save_pretrained(out_dir, state_dict=state_dict)
+
+    # The checkpoint protocol of the trainer (`model/` of every checkpoint): the released artefact, i.e. the encoder
+    # alone, so a stage-0 run dir is a `model.vision` for stage 1; head and centres stay in trainer state.
+    save_pretrained = save_encoder
 
     def forward(
         self,

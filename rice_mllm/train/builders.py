@@ -41,6 +41,33 @@ def _init_dir(config: TrainConfig) -> Path:
     return model_dir
 
 
+def vision_source(config: TrainConfig) -> str:
+    """`model.vision` as a preset name, hub id or model dir: a local run or checkpoint dir (e.g. a stage-0 run)
+    resolves to its last checkpoint's `model/`."""
+    vision = config.model.vision
+    if vision not in list_presets() and Path(vision).is_dir():
+        return str(resolve_model_dir(vision))
+    return vision
+
+
+def llm_tokenizer(config: TrainConfig) -> str:
+    """`model.tokenizer`, else the kit's tiny tokenizer for an LLM preset, else the LLM's own (dir or hub id)."""
+    m = config.model
+    return str(m.tokenizer or (TINY_TOKENIZER if m.llm in list_presets() else m.llm))
+
+
+def prepare_tiny_world(config: TrainConfig) -> None:
+    """Generate the kit's tiny world into `data.tiny_world` (when set and not already there), on rank 0."""
+    d = config.data
+    if d.tiny_world is not None:
+        from ..data.synthetic import ensure_generated
+
+        if rank() == 0:  # the generator is not safe to run from several processes at once
+            # the world's own seed stays fixed: a training seed must not regenerate the data other stages use
+            ensure_generated(d.tiny_world, num_images=d.tiny_world_images)
+        barrier()
+
+
 def build_processor(config: TrainConfig) -> RiceMllmProcessor:
     """The checkpoint's processor (`model.init_from`), else one over `model.tokenizer` with the tower's tile size.
 
@@ -50,13 +77,18 @@ def build_processor(config: TrainConfig) -> RiceMllmProcessor:
     if m.init_from is not None:
         loaded = RiceMllmProcessor.from_pretrained(_init_dir(config))
         return RiceMllmProcessor(loaded.tokenizer, loaded.image_processor, max_length=config.data.max_length)
-    if m.vision in list_presets():
-        vision = load_preset(m.vision)
+    source = vision_source(config)
+    if source in list_presets():
+        vision = load_preset(source)
     else:
-        vision = RiceVisionModel.config_class.from_pretrained(m.vision).to_dict()
-    tokenizer = m.tokenizer or (TINY_TOKENIZER if m.llm in list_presets() else m.llm)
+        vision = RiceVisionModel.config_class.from_pretrained(source).to_dict()
     return assemble_processor(
-        tokenizer, vision["image_size"], vision["patch_size"], m.max_tiles, m.max_grid_tiles, config.data.max_length
+        llm_tokenizer(config),
+        vision["image_size"],
+        vision["patch_size"],
+        m.max_tiles,
+        m.max_grid_tiles,
+        config.data.max_length,
     )
 
 
@@ -65,7 +97,7 @@ def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
     (preset names start random; paths / hub ids load their weights; projector and image_newline start random)."""
     if config.model.init_from is not None:
         return RiceMllmForConditionalGeneration.from_pretrained(_init_dir(config))
-    return assemble_model(config.model.vision, config.model.llm, processor)
+    return assemble_model(vision_source(config), config.model.llm, processor)
 
 
 def _load_conversations(path: Path, image_folder: str | None) -> list[Conversation]:
@@ -88,13 +120,7 @@ def build_dataset(config: TrainConfig, processor: RiceMllmProcessor) -> Dataset:
         ValueError: no train file is configured.
     """
     d = config.data
-    if d.tiny_world is not None:
-        from ..data.synthetic import ensure_generated
-
-        if rank() == 0:  # the generator is not safe to run from several processes at once
-            # the world's own seed stays fixed: a training seed must not regenerate the data other stages use
-            ensure_generated(d.tiny_world, num_images=d.tiny_world_images)
-        barrier()
+    prepare_tiny_world(config)
     if not d.train_files:
         raise ValueError("data.train_files is empty: name LLaVA .json/.jsonl files")
     parts = []

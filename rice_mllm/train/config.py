@@ -29,12 +29,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # LLaVA .json / .jsonl
+    train_files: list[str] = field(default_factory=list)  # LLaVA .json / .jsonl; stage 0: region .jsonl
     image_folder: str | None = None  # relative image paths resolve here; None: against each data file's folder
     max_length: int = 2048  # longer samples raise (never truncated through an image)
     num_workers: int = 0
     tiny_world: str | None = None  # generate the kit's tiny world into this folder first (skipped when present)
     tiny_world_images: int = 256
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 0 only (`stage: stage0_pretrain`): region labelling, sampling, head and losses (DESIGN.md section 4)."""
+
+    teacher: str | None = None  # label the region file first: "label-hash" (tiny world) or an encoder dir; None: done
+    num_clusters: int | None = None  # K; None: #distinct labels (label-hash) or max "cluster" + 1 (labelled files)
+    num_regions: int = 10  # regions per image
+    max_tokens: int = 10  # token positives kept per OCR region
+    embed_dim: int = 512  # region embedding and class-centre width
+    scale: float = 64.0
+    margin: float = 0.3
+    sample_ratio: float = 0.1  # PartialFC share of object centres scored per step
+    ocr_sample_ratio: float = 0.1
+    ocr_loss_weight: float = 1.0
 
 
 @dataclass
@@ -59,6 +75,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     deepspeed: str | None = None  # JSON path, relative to the YAML's folder; None = plain torch, one process
     output_dir: str = "outputs/run"
     save_steps: int = 500

@@ -28,9 +28,13 @@ from .checkpoint import clean_incomplete, find_resume_checkpoint, load_checkpoin
 from .config import TrainConfig, load_config, save_config
 from .engine import build_engine, device, init_distributed, rank, world_size
 from .lora import inject_lora
+from .pretrain_builders import STAGE0_BUILDERS
 from .stages import apply_stage, get_stage, parameter_table
 
 logger = logging.getLogger(__name__)
+
+# stage -> builders when main() is given none; every other stage trains the multimodal model
+STAGE_BUILDERS: dict[str, Builders] = {"stage0_pretrain": STAGE0_BUILDERS}
 
 
 def set_seed(seed: int) -> None:
@@ -56,6 +60,13 @@ def _to_device(batch: dict, dev: torch.device, float_dtype: torch.dtype | None) 
         k: v.to(dev, dtype=float_dtype if float_dtype and v.is_floating_point() else None) if torch.is_tensor(v) else v
         for k, v in batch.items()
     }
+
+
+def _throughput_units(batch: dict) -> torch.Tensor:
+    """What the throughput counts: attention-mask tokens, or images for batches without a mask (stage 0)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum().double()
+    return torch.tensor(float(batch["pixel_values"].shape[0]), dtype=torch.float64, device=batch["pixel_values"].device)
 
 
 def _resume_path(config: TrainConfig) -> str | None:
@@ -111,12 +122,13 @@ class _Logger:
             self.file.close()
 
 
-def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | None:
+def train(config: TrainConfig, builders: Builders | None = None) -> str | None:
     """Run one training stage end to end (every rank calls it).
 
     Returns:
         The path of the final checkpoint on rank 0, None on other ranks.
     """
+    builders = builders or STAGE_BUILDERS.get(config.stage, DEFAULT_BUILDERS)
     if config.deepspeed is not None:
         init_distributed()
     stage = get_stage(config.stage)
@@ -128,6 +140,13 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
     set_seed(config.optim.seed)
     processor = builders.processor(config)
     model = builders.model(config, processor)
+    sharded = getattr(model, "sharded_parameter_names", list)()
+    if sharded and world_size() > 1:
+        # the engine averages every gradient over ranks, which would mix rows that are different classes per rank
+        raise NotImplementedError(
+            f"{world_size()} ranks, but {sharded} hold different rows per rank (sharded class centres) and the "
+            "trainer has no per-rank optimizer for them yet: run stage 0 in one process"
+        )
     if config.model.gradient_checkpointing:
         # non-reentrant: the reentrant variant drops gradients when the checkpointed inputs are frozen (LoRA, stage 1)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -187,6 +206,8 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
     engine.module.train()
     while step < total_steps:
         epoch, done = divmod(step, steps_per_epoch)
+        if hasattr(dataset, "set_epoch"):  # datasets that draw per epoch (stage-0 regions); depends on epoch only
+            dataset.set_epoch(epoch)
         order = epoch_indices(len(dataset), o.seed, epoch)[done * micro * o.grad_accum :]
         # a private generator: creating a loader iterator otherwise draws from the global RNG, so a resumed run
         # (one extra iterator) would get other dropout masks than the uninterrupted one
@@ -209,7 +230,7 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
                 loss = engine(**batch).loss
                 engine.backward(loss)
                 engine.step()
-                stats += torch.stack([loss.detach().double(), batch["attention_mask"].sum().double()])
+                stats += torch.stack([loss.detach().double(), _throughput_units(batch)])
             if world_size() > 1:
                 torch.distributed.all_reduce(stats)
             step += 1
@@ -243,8 +264,8 @@ def train(config: TrainConfig, builders: Builders = DEFAULT_BUILDERS) -> str | N
     return final if rank() == 0 else None
 
 
-def main(argv: list[str] | None = None, builders: Builders = DEFAULT_BUILDERS) -> str | None:
-    """`python -m rice_mllm.train --config recipes/X.yaml [a.b=value ...]`."""
+def main(argv: list[str] | None = None, builders: Builders | None = None) -> str | None:
+    """`python -m rice_mllm.train --config recipes/X.yaml [a.b=value ...]`; builders None: the stage's own."""
     parser = argparse.ArgumentParser(prog="python -m rice_mllm.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe; keys not given keep their defaults")
     parser.add_argument(
