@@ -24,8 +24,8 @@ from .loading import CheckpointMismatchError
 from .mllm.chat_template import IM_END, IM_START
 from .mllm.processing import SampleTooLongError
 
-DEFAULT_MODEL = Path("runs/tiny-world/stage2_instruct")
-HOW_TO_TRAIN = "train the tiny-world model first (bash recipes/stage1_align.sh, then bash recipes/stage2_instruct.sh)"
+DEFAULT_MODEL = Path("outputs/tiny-world/stage2_instruct")  # where `python -m rice_mllm.tiny_world` leaves it
+HOW_TO_TRAIN = "make one with: python -m rice_mllm.tiny_world (or pass --model DIR)"
 MAX_IMAGE_PIXELS = 64_000_000  # beyond this a decompression bomb is likelier than a photo
 PROMPT, REPLY = "you: ", "assistant: "
 HELP = """commands:

@@ -16,6 +16,7 @@ from PIL import Image
 from .data.collate import PaddingCollator
 from .mllm.modeling import RiceMllmForConditionalGeneration
 from .mllm.processing import RiceMllmProcessor
+from .train.checkpoint import resolve_model_dir
 from .train.lora import load_lora_dir, lora_base_dir
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def load_for_inference(
     """Model (eval mode, on `device`) and processor of a kit checkpoint directory.
 
     Args:
-        checkpoint: directory written by training, merge or import (model and processor side by side), or a LoRA
+        checkpoint: directory written by training, merge or import (model and processor side by side; a run or
+            checkpoint folder stands for its last model), or a LoRA
             checkpoint, loaded over the base model it records and merged.
         device, dtype: see `pick_device` / `pick_dtype`.
         load_4bit: quantise the LLM's decoder linear layers to 4-bit NF4 with bitsandbytes while loading; the
@@ -128,6 +130,11 @@ def load_for_inference(
         CheckpointMismatchError: the weights do not match the config (names the keys).
     """
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():  # a training run or checkpoint folder stands for its (last) model
+        try:
+            checkpoint = resolve_model_dir(checkpoint)
+        except FileNotFoundError:
+            pass  # check_checkpoint_dir says what the folder lacks
     check_checkpoint_dir(checkpoint)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)

@@ -116,3 +116,13 @@ def timed(function: Callable[..., object], *args: object, **kwargs: object) -> t
     start = time.process_time()
     result = function(*args, **kwargs)
     return time.process_time() - start, result
+
+
+def run_with_threads(threads: int, run: Callable[[object], object], args: object) -> object:
+    """`run(args)` with torch limited to `threads`, then the caller's setting back (tests run benchmarks in-process)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(previous)

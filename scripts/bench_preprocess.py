@@ -11,7 +11,7 @@ import argparse
 import time
 
 import numpy as np
-import torch
+from bench_common import run_with_threads
 from PIL import Image
 from transformers import LlavaNextImageProcessorPil
 
@@ -57,12 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the kit (transformers/PIL: 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting alone (tests call main in-process)
+    return run_with_threads(args.threads, _run, args)
 
 
 def _run(args: argparse.Namespace) -> dict[str, float]:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_common import build_kit, export_peer, make_chats, timed, to_llava_next_pixels
+from bench_common import build_kit, export_peer, make_chats, run_with_threads, timed, to_llava_next_pixels
 
 from rice_mllm.data.collate import PaddingCollator
 from rice_mllm.data.packing import LengthGroupedSampler, PackedBatchSampler, PackingCollator
@@ -61,12 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are CPU seconds, see timed)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # tests call main in-process
+    return run_with_threads(args.threads, _run, args)
 
 
 def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:

@@ -3,8 +3,6 @@
 import importlib.util
 import math
 import random
-import runpy
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -229,11 +227,3 @@ def test_image_processor_config_round_trip(tmp_path):
     assert loaded.to_dict() == processor.to_dict()
     image = random_image(50, 90, seed=1)
     torch.testing.assert_close(loaded([image])["pixel_values"], processor([image])["pixel_values"])
-
-
-def test_preprocess_benchmark_runs_and_prints_ratio(capsys):
-    bench = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "bench_preprocess.py"), run_name="bench")
-    rates = bench["main"](["--tile-size", "56", "--images", "2", "--repeats", "1", "--max-tiles", "2"])
-    out = capsys.readouterr().out
-    assert out.count("ratio vs transformers") == 3 and len(rates) == 3
-    assert "max |kit[pil] - transformers| on image 0: " in out

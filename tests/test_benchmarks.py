@@ -27,3 +27,12 @@ def test_generate_benchmark_runs_with_equal_tokens_and_prints_ratios(bench, caps
     out = capsys.readouterr().out
     assert "generations with different tokens: 0" in out
     assert out.count("ratio vs transformers") == 4 and all(v["tokens_per_s"] > 0 for v in result.values())
+
+
+def test_preprocess_benchmark_runs_and_prints_ratio(bench, capsys):
+    rates = bench("bench_preprocess")["main"](
+        ["--tile-size", "56", "--images", "2", "--repeats", "1", "--max-tiles", "2"]
+    )
+    out = capsys.readouterr().out
+    assert out.count("ratio vs transformers") == 3 and len(rates) == 3
+    assert "max |kit[pil] - transformers| on image 0: " in out

@@ -147,12 +147,15 @@ def test_prompt_mode_prints_only_the_answer(kit, capsys):
         ("not a checkpoint", "is not a kit checkpoint"),
         ("missing image", "no such image"),
         ("corrupt image", "cannot read"),
-        ("no model, no default", "no --model given and no tiny-world model at runs/tiny-world/stage2_instruct"),
+        (
+            "no model, no default",
+            "no tiny-world model at outputs/tiny-world/stage2_instruct; make one with: python -m rice_mllm.tiny_world",
+        ),
     ],
 )
 def test_prompt_mode_bad_paths_exit_nonzero_with_a_message(kit, tmp_path, monkeypatch, capsys, case, message):
     checkpoint, images, _, _ = kit
-    monkeypatch.chdir(tmp_path)  # no runs/ folder here
+    monkeypatch.chdir(tmp_path)  # no outputs/ folder here
     argv = {
         "missing model": ["--model", str(tmp_path / "nowhere")],
         "not a checkpoint": ["--model", str(images)],

@@ -107,22 +107,6 @@ def _logits_in_fresh_process(script: str, tmp_path, **tensors) -> dict:
     return torch.load(tmp_path / "result.pt")
 
 
-def test_checkpoint_reloads_alone_in_a_fresh_process(tmp_path):
-    model = RiceMllmForConditionalGeneration(tiny_mllm_config()).eval()
-    model.save_pretrained(tmp_path / "ckpt")
-    batch = _batch(model, MIXED, seed=1)
-    with torch.no_grad():
-        expected = model(**batch).logits
-    result = _logits_in_fresh_process(
-        "from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration as M\n"
-        "model = M.from_pretrained('ckpt').eval()\n"
-        "with torch.no_grad(): result = model(**inputs).logits",
-        tmp_path,
-        **batch,
-    )
-    assert torch.equal(result, expected)
-
-
 CONVERSATIONS = [
     (  # two images, two user turns
         [
@@ -231,3 +215,39 @@ def test_gradient_checkpointing_gives_equal_loss_and_gradients():
     assert plain_grads.keys() == ckpt_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, msg=name)
+
+
+def test_checkpoint_reloads_alone_in_a_fresh_process(tmp_path, kit_checkpoint):
+    """Model and processor come back from the directory alone (moved away from where it was written)."""
+    model, processor, kit_dir = kit_checkpoint
+    moved = kit_dir.rename(tmp_path / "elsewhere")
+    images = [_images(sizes, seed) for seed, (_, sizes) in enumerate(CONVERSATIONS)]
+    samples = [processor(m, imgs) for (m, _), imgs in zip(CONVERSATIONS, images, strict=True)]
+    with torch.no_grad():
+        expected = model(**PaddingCollator(processor.pad_token_id)(samples)).logits
+    result = _logits_in_fresh_process(
+        "from rice_mllm.data.collate import PaddingCollator\n"
+        "from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration as M\n"
+        "from rice_mllm.mllm.processing import RiceMllmProcessor as P\n"
+        f"model, processor = M.from_pretrained({str(moved)!r}).eval(), P.from_pretrained({str(moved)!r})\n"
+        "samples = [processor(m, imgs) for m, imgs in zip(inputs['messages'], inputs['images'])]\n"
+        "with torch.no_grad(): result = model(**PaddingCollator(processor.pad_token_id)(samples)).logits",
+        tmp_path,
+        messages=[m for m, _ in CONVERSATIONS],
+        images=images,
+    )
+    assert torch.equal(result, expected)
+
+
+def test_bf16_forward_and_backward_run_and_track_fp32():
+    model = RiceMllmForConditionalGeneration(tiny_mllm_config()).eval()
+    batch = _batch(model, MIXED, seed=4)
+    with torch.no_grad():
+        reference = model(**batch).logits
+    half = model.to(torch.bfloat16)
+    logits = half(**dict(batch, pixel_values=batch["pixel_values"].to(torch.bfloat16))).logits
+    assert logits.dtype == torch.bfloat16
+    mask = batch["attention_mask"].bool()
+    assert (logits.float() - reference)[mask].abs().max() < 0.1 * reference[mask].abs().max()
+    logits.float()[mask].sum().backward()
+    assert half.projector.linear_1.weight.grad.dtype == torch.bfloat16

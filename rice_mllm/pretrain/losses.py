@@ -106,7 +106,9 @@ class _ClusterDiscriminationLoss(nn.Module):
     size, and the centres must stay out of DDP/ZeRO averaging (their rows differ per rank).
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, scale: float, margin: float, sample_ratio: float) -> None:
+    def __init__(
+        self, num_classes: int, embed_dim: int, scale: float = 64.0, margin: float = 0.3, sample_ratio: float = 1.0
+    ) -> None:
         super().__init__()
         rank, world = _world()
         self.num_classes, self.scale, self.margin, self.sample_ratio = num_classes, scale, margin, sample_ratio
@@ -165,11 +167,6 @@ class ClusterMarginLoss(_ClusterDiscriminationLoss):
         sample_ratio: rho, fraction of each shard's classes scored per step (PartialFC); 1 = all.
     """
 
-    def __init__(
-        self, num_classes: int, embed_dim: int, scale: float = 64.0, margin: float = 0.3, sample_ratio: float = 1.0
-    ) -> None:
-        super().__init__(num_classes, embed_dim, scale, margin, sample_ratio)
-
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -193,11 +190,6 @@ class MultiLabelClusterLoss(_ClusterDiscriminationLoss):
 
     Args: as `ClusterMarginLoss`, with `num_classes` = the tokenizer's vocabulary size.
     """
-
-    def __init__(
-        self, num_classes: int, embed_dim: int, scale: float = 64.0, margin: float = 0.3, sample_ratio: float = 1.0
-    ) -> None:
-        super().__init__(num_classes, embed_dim, scale, margin, sample_ratio)
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None

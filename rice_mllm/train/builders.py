@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..data.collate import PaddingCollator
 from ..data.dataset import ConversationDataset
+from ..data.packing import PackingCollator
 from ..data.sources import Conversation, conversation_from_raw, iter_raw_records, load_conversations, parse_record
 from ..mllm.assembly import TINY_TOKENIZER, assemble_model
 from ..mllm.assembly import build_processor as assemble_processor
@@ -132,7 +133,10 @@ def build_dataset(config: TrainConfig, processor: RiceMllmProcessor) -> Dataset:
 
 
 def build_collator(config: TrainConfig, processor: RiceMllmProcessor) -> Callable[[list], dict]:
-    """Right-padding collator with the tokenizer's pad id (the processor batch contract)."""
+    """Right-padding collator with the tokenizer's pad id (the processor batch contract), or, with
+    `data.pack_max_tokens`, padding-free packing of the same samples (same per-token loss, fewer positions)."""
+    if config.data.pack_max_tokens:
+        return PackingCollator(config.data.pack_max_tokens, processor.pad_token_id)
     return PaddingCollator(processor.pad_token_id)
 
 

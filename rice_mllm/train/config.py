@@ -33,6 +33,7 @@ class DataConfig:
     image_folder: str | None = None  # relative image paths resolve here; None: against each data file's folder
     max_length: int = 2048  # longer samples raise (never truncated through an image)
     num_workers: int = 0
+    pack_max_tokens: int | None = None  # padding-free: pack each micro-batch's samples into rows of this many tokens
     tiny_world: str | None = None  # generate the kit's tiny world into this folder first (skipped when present)
     tiny_world_images: int = 256
 

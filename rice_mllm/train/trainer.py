@@ -63,9 +63,11 @@ def _to_device(batch: dict, dev: torch.device, float_dtype: torch.dtype | None) 
 
 
 def _throughput_units(batch: dict) -> torch.Tensor:
-    """What the throughput counts: attention-mask tokens, or images for batches without a mask (stage 0)."""
+    """What the throughput counts: attention-mask tokens, the positions of packed rows, or images (stage 0)."""
     if "attention_mask" in batch:
         return batch["attention_mask"].sum().double()
+    if "input_ids" in batch:
+        return torch.tensor(float(batch["input_ids"].numel()), dtype=torch.float64, device=batch["input_ids"].device)
     return torch.tensor(float(batch["pixel_values"].shape[0]), dtype=torch.float64, device=batch["pixel_values"].device)
 
 

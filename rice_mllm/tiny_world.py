@@ -1,0 +1,125 @@
+"""`python -m rice_mllm.tiny_world`: the whole kit, offline, on the embedded tiny world, in minutes on a CPU.
+
+Generates the world, pretrains a RICE encoder with region cluster discrimination (stage 0), aligns the projector
+(stage 1), instruction-tunes (stage 2), evaluates on unseen images (with and without the image features) and answers
+one question about an unseen image. Every stage is the real recipe (`recipes/*.yaml`) with the overrides below: the
+plan is data, and each override can be changed from the command line as `stage.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .data.sources import load_conversations, open_images
+from .data.synthetic import ensure_generated
+from .eval import main as eval_main
+from .inference import answer, load_for_inference
+from .train.checkpoint import resolve_model_dir
+from .train.trainer import main as train_main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. The tiny models
+# start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and unfreezes the encoder.
+PLAN: dict[str, tuple[str, dict[str, str]]] = {
+    "stage0": (
+        "stage0_rice_pretrain",
+        {
+            "data.tiny_world": "null",  # generated once, below
+            "data.train_files": "[{out}/data/regions_train.jsonl]",
+            "output_dir": "{out}/stage0_rice_pretrain",
+        },
+    ),
+    "stage1": (
+        "stage1_align",
+        {
+            "model.vision": "{out}/stage0_rice_pretrain",
+            "model.max_tiles": "2",
+            "data.tiny_world": "null",  # generated once, below
+            "data.train_files": "[{out}/data/captions_train.json]",
+            "optim.epochs": "2",
+            "optim.batch_size": "16",
+            "optim.lr_scale": "2",
+            "output_dir": "{out}/stage1_align",
+        },
+    ),
+    "stage2": (
+        "stage2_instruct",
+        {
+            "model.init_from": "{out}/stage1_align",
+            "optional_parts": "[vision]",
+            "data.tiny_world": "null",  # generated once, below
+            "data.train_files": "[{out}/data/qa_train.json]",
+            "optim.epochs": "6",
+            "optim.batch_size": "16",
+            "optim.lr_scale": "100",
+            "deepspeed": "ds_zero2.json",
+            "output_dir": "{out}/stage2_instruct",
+        },
+    ),
+}
+
+
+def stage_arguments(stage: str, out: Path, overrides: dict[str, str]) -> list[str]:
+    """The trainer's argv for one stage of the plan, with the command line's `stage.key=value` applied."""
+    recipe, settings = PLAN[stage]
+    settings = {**settings, **overrides}
+    return ["--config", str(RECIPES / f"{recipe}.yaml"), *(f"{k}={v.format(out=out)}" for k, v in settings.items())]
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """`stage2.optim.epochs=3` -> {"stage2": {"optim.epochs": "3"}}; unknown stages raise, listing the valid ones."""
+    parsed: dict[str, dict[str, str]] = {stage: {} for stage in PLAN}
+    for item in items:
+        key, sep, value = item.partition("=")
+        stage, _, setting = key.partition(".")
+        if not sep or stage not in PLAN or not setting:
+            raise SystemExit(f"override {item!r} must look like STAGE.key=value with STAGE in {sorted(PLAN)}")
+        parsed[stage][setting] = value
+    return parsed
+
+
+def demo_answer(model_dir: Path, heldout: Path) -> None:
+    """Answer the first held-out question about an image, as `python -m rice_mllm.chat` would."""
+    record = next(c for c in load_conversations(heldout) if c.images)
+    model, processor = load_for_inference(model_dir, device="cpu")
+    context, reference = record.messages[:-1], record.messages[-1]["content"]
+    reply = answer(model, processor, context, open_images(record), max_new_tokens=16)
+    question = context[-1]["content"].replace("<image>", "").strip()
+    print(f"\nunseen image {record.images[0]}\n  question: {question}\n  answer:   {reply}   (reference: {reference})")
+    print(f"chat with it: python -m rice_mllm.chat --model {model_dir} --image {record.images[0]}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m rice_mllm.tiny_world", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/tiny-world"), help="run folder")
+    parser.add_argument("--images", type=int, default=256, help="training images in the generated world")
+    parser.add_argument("overrides", nargs="*", help="STAGE.key=value, e.g. stage2.optim.epochs=3")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
+    started = time.monotonic()
+    ensure_generated(args.out / "data", seed=0, num_images=args.images, num_heldout=64, progress=True)
+    timings = {}
+    for stage in PLAN:
+        print(f"\n== {stage}: {PLAN[stage][0]}")
+        stage_start = time.monotonic()
+        train_main(stage_arguments(stage, args.out, overrides[stage]))
+        timings[stage] = round(time.monotonic() - stage_start, 1)
+    model_dir = resolve_model_dir(args.out / "stage2_instruct")
+    heldout = args.out / "data" / "qa_heldout.json"
+    print("\n== evaluation on unseen images")
+    report = eval_main(["--model", str(model_dir), "--data", str(heldout), "--report", str(args.out / "eval.json")])
+    print("\n== the same, with the image features blanked (a model that reads the images drops to chance)")
+    blank = eval_main(["--model", str(model_dir), "--data", str(heldout), "--blank-images"])
+    demo_answer(model_dir, heldout)
+    summary = {"timings_s": timings, "total_s": round(time.monotonic() - started, 1), "eval": report, "blank": blank}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\ndone in {summary['total_s']:.0f} s; summary in {args.out / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
