@@ -340,3 +340,28 @@ def _stage1(tmp_path: Path) -> str:
             ]
         )
     return str(tmp_path / "s1")
+
+
+def _changed_parts(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+
+
+def test_stage1_recipe_changes_only_the_projector_and_stage2_also_the_llm(tmp_path):
+    """The real recipes on the tiny world: compare every tensor with the weights the stage started from."""
+    from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+    from rice_mllm.train.builders import build_model, build_processor
+    from rice_mllm.train.trainer import set_seed
+
+    args = _tiny_world_args(tmp_path, "s1", "captions_train.json")
+    stage1 = main(["--config", str(ROOT / "recipes/stage1_align.yaml"), *args])
+    config = load_config(ROOT / "recipes/stage1_align.yaml", args)
+    set_seed(config.optim.seed)  # the trainer's initialisation, replayed
+    initial = build_model(config, build_processor(config)).state_dict()
+    after_stage1 = RiceMllmForConditionalGeneration.from_pretrained(Path(stage1) / "model").state_dict()
+    assert _changed_parts(initial, after_stage1) == {"projector", "image_newline"}
+
+    args2 = [*_tiny_world_args(tmp_path, "s2", "qa_train.json"), f"model.init_from={stage1}"]
+    stage2 = main(["--config", str(ROOT / "recipes/stage2_instruct.yaml"), *args2])
+    after_stage2 = RiceMllmForConditionalGeneration.from_pretrained(Path(stage2) / "model").state_dict()
+    assert _changed_parts(after_stage1, after_stage2) == {"projector", "image_newline", "language_model"}
