@@ -403,3 +403,22 @@ def test_two_rank_zero3_stage2_over_text_only_and_image_samples_completes_and_lo
     assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
     model = RiceMllmForConditionalGeneration.from_pretrained(next(run.glob("checkpoint-*")) / "model")
     assert torch.isfinite(next(model.language_model.parameters())).all()
+
+
+def test_qlora_recipe_runs_on_a_llava_json_over_the_real_model(tmp_path):
+    from rice_mllm.inference import load_for_inference
+
+    stage1 = main(
+        ["--config", str(ROOT / "recipes/stage1_align.yaml"), *_tiny_world_args(tmp_path, "s1", "captions_train.json")]
+    )
+    args = [
+        *_tiny_world_args(tmp_path, "qlora", "qa_train.json"),
+        "stage=qlora",
+        f"model.init_from={stage1}",
+        "logging_steps=1",
+    ]
+    run = main(["--config", str(ROOT / "recipes/finetune_lora.yaml"), *args])
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "qlora" / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    model, _ = load_for_inference(Path(run) / "model", device="cpu")  # adapter over its base, merged
+    assert not any("lora_" in name for name, _ in model.named_parameters())
