@@ -55,7 +55,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "data.train_files": "[{out}/data/qa_train.json]",
             "optim.epochs": "6",
             "optim.batch_size": "16",
-            "optim.lr_scale": "100",
+            "optim.lr_scale": "300",
             "deepspeed": "ds_zero2.json",
             "output_dir": "{out}/stage2_instruct",
         },
