@@ -15,21 +15,28 @@ from pathlib import Path
 
 from .data.sources import load_conversations, open_images
 from .data.synthetic import ensure_generated
+from .data.synthetic_scene import WorldConfig
 from .eval import main as eval_main
 from .inference import answer, load_for_inference
 from .train.checkpoint import resolve_model_dir
 from .train.trainer import main as train_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# Square images of the encoder's tile size; up to four shapes and a word, as in the default world.
+WORLD = WorldConfig(min_side=112, max_side=112)
 
 # Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. The tiny models
 # start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and unfreezes the encoder.
+# Images are one tile (112 px, 7x7 patches of 16 px), so every sample has the same image layout (base tile + 1x1
+# grid, 105 tokens): a model that is learning where things are can rely on fixed offsets.
 PLAN: dict[str, tuple[str, dict[str, str]]] = {
     "stage0": (
         "stage0_rice_pretrain",
         {
+            "model.vision": "rice-vit-tiny-world-p16",
             "data.tiny_world": "null",  # generated once, below
             "data.train_files": "[{out}/data/regions_train.jsonl]",
+            "optim.epochs": "5",
             "output_dir": "{out}/stage0_rice_pretrain",
         },
     ),
@@ -37,10 +44,10 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
         "stage1_align",
         {
             "model.vision": "{out}/stage0_rice_pretrain",
-            "model.max_tiles": "2",
+            "model.max_tiles": "1",
             "data.tiny_world": "null",  # generated once, below
             "data.train_files": "[{out}/data/captions_train.json]",
-            "optim.epochs": "2",
+            "optim.epochs": "1",
             "optim.batch_size": "16",
             "optim.lr_scale": "2",
             "output_dir": "{out}/stage1_align",
@@ -55,7 +62,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "data.train_files": "[{out}/data/qa_train.json]",
             "optim.epochs": "6",
             "optim.batch_size": "16",
-            "optim.lr_scale": "300",
+            "optim.lr_scale": "100",
             "deepspeed": "ds_zero2.json",
             "output_dir": "{out}/stage2_instruct",
         },
@@ -96,12 +103,21 @@ def demo_answer(model_dir: Path, heldout: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m rice_mllm.tiny_world", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/tiny-world"), help="run folder")
-    parser.add_argument("--images", type=int, default=256, help="training images in the generated world")
+    parser.add_argument("--images", type=int, default=3000, help="training images in the generated world")
     parser.add_argument("overrides", nargs="*", help="STAGE.key=value, e.g. stage2.optim.epochs=3")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
     started = time.monotonic()
-    ensure_generated(args.out / "data", seed=0, num_images=args.images, num_heldout=64, progress=True)
+    ensure_generated(
+        args.out / "data",
+        seed=0,
+        num_images=args.images,
+        num_heldout=64,
+        config=WORLD,
+        qa_per_image=5,
+        progress=True,
+        merge_train_qa=True,
+    )
     timings = {}
     for stage in PLAN:
         print(f"\n== {stage}: {PLAN[stage][0]}")

@@ -185,6 +185,24 @@ def test_ensure_generated_reuses_only_a_matching_world(tmp_path):
     assert second["args"]["seed"] == 2 and (tmp_path / "images/train/000000.png").read_bytes() != image
 
 
+def test_merged_train_qa_holds_each_images_turns_in_one_record(tmp_path):
+    args = ["--num-images", "6", "--num-heldout", "2", "--no-progress", "--seed", "5", "--qa-per-image", "5"]
+    synthetic.main(["--out", str(tmp_path / "per_type"), *args])
+    synthetic.main(["--out", str(tmp_path / "merged"), *args, "--merge-train-qa"])
+    per_type, merged = _load(tmp_path / "per_type/qa_train.json"), _load(tmp_path / "merged/qa_train.json")
+    for image in sorted({r["image"] for r in per_type if isinstance(r.get("image"), str)}):
+        separate = [r for r in per_type if r.get("image") == image]
+        (together,) = [r for r in merged if r.get("image") == image]
+        assert together["question_type"] == "mixed" and len(separate) >= 3
+        turns = [(m["from"], m["value"].replace("<image>\n", "")) for r in separate for m in r["conversations"]]
+        assert [(m["from"], m["value"].replace("<image>\n", "")) for m in together["conversations"]] == turns
+        assert together["conversations"][0]["value"].startswith("<image>\n")
+    unmerged = [r for r in per_type if not isinstance(r.get("image"), str)]
+    assert unmerged == [r for r in merged if not isinstance(r.get("image"), str)]  # text-only, two-image
+    for name in ("qa_heldout.json", "captions_train.json", "regions_train.jsonl"):  # only train QA changes
+        assert (tmp_path / "per_type" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes()
+
+
 def test_records_follow_the_data_contracts(world):
     manifest = json.loads((world / "manifest.json").read_text())
     sizes = set()

@@ -60,7 +60,12 @@ class SplitRecords:
 
 
 def build_split(
-    seed: int, split: str, num_images: int, config: WorldConfig = DEFAULT_WORLD, qa_per_image: int = 3
+    seed: int,
+    split: str,
+    num_images: int,
+    config: WorldConfig = DEFAULT_WORLD,
+    qa_per_image: int = 3,
+    merge_qa: bool = False,
 ) -> SplitRecords:
     """Sample a split's scenes and phrase its caption and QA records.
 
@@ -70,6 +75,8 @@ def build_split(
         num_images: number of scenes.
         config: scene sampler knobs.
         qa_per_image: QA records per image, each of a different question type (fewer if the scene supports fewer).
+        merge_qa: write an image's QA as one multi-turn record (question_type "mixed") instead of one per type. For
+            training: the image's tokens, most of a sample, are then paid once for all its questions.
 
     Returns:
         The scenes, their image paths (relative to the output folder) and the records, in a fixed order:
@@ -94,12 +101,18 @@ def build_split(
             }
         )
         kinds = supported_question_types(scene)
-        for kind in rng.sample(kinds, min(qa_per_image, len(kinds))):
+        turns_by_kind = {
+            kind: question_turns(scene, kind, rng) for kind in rng.sample(kinds, min(qa_per_image, len(kinds)))
+        }
+        if merge_qa and turns_by_kind:
+            turns = [turn for kind_turns in turns_by_kind.values() for turn in kind_turns]
+            turns_by_kind = {"mixed": turns}
+        for kind, turns in turns_by_kind.items():
             records.qa.append(
                 {
                     "id": f"{split}-{index:06d}-{kind}",
                     "image": path,
-                    "conversations": conversation(question_turns(scene, kind, rng), num_images=1),
+                    "conversations": conversation(turns, num_images=1),
                     "question_type": kind,
                 }
             )
@@ -146,9 +159,12 @@ def write_split(out_dir: Path, records: SplitRecords, progress: bool = False) ->
     _write_json(out_dir / names["qa"], records.qa)
 
 
-def _arguments(seed: int, num_images: int, num_heldout: int, config: WorldConfig, qa_per_image: int) -> dict:
+def _arguments(
+    seed: int, num_images: int, num_heldout: int, config: WorldConfig, qa_per_image: int, merge_train_qa: bool
+) -> dict:
     arguments = {"seed": seed, "num_images": num_images, "num_heldout": num_heldout, "qa_per_image": qa_per_image}
-    return arguments | asdict(config)
+    # Left out when off, so manifests written before the option existed still match.
+    return arguments | asdict(config) | ({"merge_train_qa": True} if merge_train_qa else {})
 
 
 def generate(
@@ -159,6 +175,7 @@ def generate(
     config: WorldConfig = DEFAULT_WORLD,
     qa_per_image: int = 3,
     progress: bool = False,
+    merge_train_qa: bool = False,
 ) -> dict:
     """Write the tiny world: both splits, then the manifest (last, so its presence marks a complete world).
 
@@ -170,6 +187,8 @@ def generate(
         config: scene sampler knobs.
         qa_per_image: QA records per image.
         progress: show a tqdm bar per split.
+        merge_train_qa: train QA as one multi-turn record per image (`build_split`'s merge_qa); held-out QA stays
+            one record per question type, so evaluation reports every type.
 
     Returns:
         The manifest written to `out_dir/manifest.json`: {"generator", "args", "splits": {split: {"images", "regions",
@@ -178,10 +197,10 @@ def generate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not leave a manifest vouching for old files
-    arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image)
+    arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa)
     manifest: dict = {"generator": __name__, "args": arguments, "splits": {}}
     for split, count in zip(SPLITS, (num_images, num_heldout), strict=True):
-        records = build_split(seed, split, count, config, qa_per_image)
+        records = build_split(seed, split, count, config, qa_per_image, merge_qa=merge_train_qa and split == "train")
         write_split(out, records, progress)
         manifest["splits"][split] = {**split_files(split), "num_images": count, "num_qa": len(records.qa)}
     _write_json(out / MANIFEST, manifest)
@@ -196,6 +215,7 @@ def ensure_generated(
     config: WorldConfig = DEFAULT_WORLD,
     qa_per_image: int = 3,
     progress: bool = False,
+    merge_train_qa: bool = False,
 ) -> dict:
     """`generate` unless `out_dir/manifest.json` already records these exact arguments; returns the manifest.
 
@@ -204,9 +224,9 @@ def ensure_generated(
     path = Path(out_dir) / MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("args") == _arguments(seed, num_images, num_heldout, config, qa_per_image):
+        if manifest.get("args") == _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa):
             return manifest
-    return generate(out_dir, seed, num_images, num_heldout, config, qa_per_image, progress)
+    return generate(out_dir, seed, num_images, num_heldout, config, qa_per_image, progress, merge_train_qa)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -221,11 +241,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-side", type=int, default=DEFAULT_WORLD.max_side)
     parser.add_argument("--max-objects", type=int, default=DEFAULT_WORLD.max_objects)
     parser.add_argument("--word-prob", type=float, default=DEFAULT_WORLD.word_prob)
+    parser.add_argument("--merge-train-qa", action="store_true", help="one multi-turn QA record per train image")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = WorldConfig(args.min_side, args.max_side, args.max_objects, args.word_prob)
     manifest = generate(
-        args.out, args.seed, args.num_images, args.num_heldout, config, args.qa_per_image, not args.no_progress
+        args.out,
+        args.seed,
+        args.num_images,
+        args.num_heldout,
+        config,
+        args.qa_per_image,
+        not args.no_progress,
+        args.merge_train_qa,
     )
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_images']} images, {info['num_qa']} QA records -> {args.out}")
