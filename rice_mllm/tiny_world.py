@@ -18,12 +18,16 @@ from .data.synthetic import ensure_generated
 from .data.synthetic_scene import WorldConfig
 from .eval import main as eval_main
 from .inference import answer, load_for_inference
+from .presets import load_preset
 from .train.checkpoint import resolve_model_dir
 from .train.trainer import main as train_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-# Square images of the encoder's tile size; up to four shapes and a word, as in the default world.
-WORLD = WorldConfig(min_side=128, max_side=128)
+ENCODER = "rice-vit-tiny-world-p16"
+# Square images of the encoder's tile size (read from its preset, so the two cannot drift apart); up to four shapes
+# and a word, as in the default world.
+TILE = load_preset(ENCODER)["image_size"]
+WORLD = WorldConfig(min_side=TILE, max_side=TILE)
 
 # Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. The tiny models
 # start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and unfreezes the encoder.
@@ -34,7 +38,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
     "stage0": (
         "stage0_rice_pretrain",
         {
-            "model.vision": "rice-vit-tiny-world-p16",
+            "model.vision": ENCODER,
             "data.tiny_world": "null",  # generated once, below
             "data.train_files": "[{out}/data/regions_train.jsonl]",
             "optim.epochs": "8",
