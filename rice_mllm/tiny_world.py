@@ -24,10 +24,14 @@ from .train.trainer import main as train_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ENCODER = "rice-vit-tiny-world-p16"
-# Square images of the encoder's tile size (read from its preset, so the two cannot drift apart); up to four shapes
-# and a word, as in the default world.
-TILE = load_preset(ENCODER)["image_size"]
-WORLD = WorldConfig(min_side=TILE, max_side=TILE)
+# Square images of the encoder's tile size, words typeset on its patch grid (both read from its preset, so they
+# cannot drift apart); up to four shapes and a word, as in the default world.
+_ENCODER_CONFIG = load_preset(ENCODER)
+WORLD = WorldConfig(
+    min_side=_ENCODER_CONFIG["image_size"],
+    max_side=_ENCODER_CONFIG["image_size"],
+    word_grid=_ENCODER_CONFIG["patch_size"],
+)
 
 # Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. The tiny models
 # start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and unfreezes the encoder.

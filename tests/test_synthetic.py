@@ -41,6 +41,17 @@ def world(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def typeset_world(tmp_path_factory) -> Path:
+    """The main job's kind of world: square one-tile images, words typeset on a 16 px grid, merged train records."""
+    out = tmp_path_factory.mktemp("typeset")
+    args = ["--min-side", "128", "--max-side", "128", "--word-grid", "16", "--word-prob", "1", "--merge-train-qa"]
+    synthetic.main(
+        ["--out", str(out), "--seed", "4", "--num-images", "16", "--num-heldout", "4", "--no-progress", *args]
+    )
+    return out
+
+
 def _load(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines()]
@@ -246,7 +257,9 @@ def test_heldout_images_are_unseen(world):
     assert all(image.startswith("images/heldout/") for image in heldout_images)
 
 
-def test_regions_match_the_pixels(world, templates):
+@pytest.mark.parametrize("world_name", ["world", "typeset_world"])
+def test_regions_match_the_pixels(world_name, templates, request):
+    world = request.getfixturevalue(world_name)
     for split in ("train", "heldout"):
         for record in _load(world / f"regions_{split}.jsonl"):
             path = world / record["image"]
@@ -262,7 +275,15 @@ def test_regions_match_the_pixels(world, templates):
             assert _read_word(path, templates) == text, record["image"]
 
 
-def test_every_answer_matches_the_pixels(world, templates):
+def _check_caption(caption: str, shapes: list[dict], word: str | None) -> None:
+    for shape in shapes:
+        assert f"{shape['colour']} {shape['shape']}" in caption and shape["position"] in caption, caption
+    assert (word is None) == ("the word" not in caption) and (word is None or f"'{word}'" in caption), caption
+
+
+@pytest.mark.parametrize("world_name", ["world", "typeset_world"])
+def test_every_answer_matches_the_pixels(world_name, templates, request):
+    world = request.getfixturevalue(world_name)
     checked = set()
     for split in ("train", "heldout"):
         for record in _load(world / f"qa_{split}.json"):
@@ -276,15 +297,39 @@ def test_every_answer_matches_the_pixels(world, templates):
                 assert _answer(text, scenes, words) == answer["value"], (record["id"], text)
             checked.add(record["question_type"])
         for record in _load(world / f"captions_{split}.json"):
-            caption = record["conversations"][1]["value"]
-            for shape in _parse_shapes(world / record["image"]):
-                assert f"{shape['colour']} {shape['shape']}" in caption and shape["position"] in caption
-    assert checked == ALL_TYPES
+            image = world / record["image"]
+            _check_caption(record["conversations"][1]["value"], _parse_shapes(image), _read_word(image, templates))
+    assert checked - {"mixed"} == ALL_TYPES
+
+
+def test_typeset_words_are_one_patch_pattern_wherever_they_stand(typeset_world):
+    """On the 16 px grid at one size, a word's ink is the same pixels in every image, shifted by whole patches."""
+    first: dict[str, tuple] = {}
+    repeats = 0
+    for split in ("train", "heldout"):
+        for record in _load(typeset_world / f"regions_{split}.jsonl"):
+            ((x0, y0, x1, y1), text) = record["ocr"][0]["box"], record["ocr"][0]["text"]
+            rgb = np.asarray(Image.open(typeset_world / record["image"]).convert("RGB")).astype(float)
+            background = rgb[0, 0]  # cells keep 1 px off the border, so the corner is background
+            coverage = ((background - rgb) / (background - rgb.min((0, 1)))).mean(-1)  # 0: background, 1: ink
+            # equal ink at equal offsets within a patch: the word puts the same pixels into the same patch slots
+            found = (x0 % 16, y0 % 16, coverage[y0:y1, x0:x1])
+            if text in first:
+                repeats += 1
+                offsets, crop = first[text][:2], first[text][2]
+                assert found[:2] == offsets and found[2].shape == crop.shape, (record["image"], text)
+                np.testing.assert_allclose(found[2], crop, atol=0.03, err_msg=f"{record['image']} {text}")
+            first.setdefault(text, found)
+    assert repeats >= 2  # some words were drawn more than once, so the comparison ran
 
 
 def test_bad_arguments_fail_loudly():
     with pytest.raises(ValueError, match="min_side"):
         WorldConfig(min_side=20)
+    with pytest.raises(ValueError, match="word_grid"):
+        WorldConfig(word_grid=-16)
+    with pytest.raises(ValueError, match="no anchor on the 16 px grid"):  # 60 px letters cannot fit a 40 px row
+        synthetic.build_split(0, "train", 8, WorldConfig(128, 128, word_grid=16, word_size=60))
     with pytest.raises(KeyError, match="colour"):
         question_turns(None, "color", None)
     with pytest.raises(SystemExit):

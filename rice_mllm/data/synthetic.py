@@ -241,10 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-side", type=int, default=DEFAULT_WORLD.max_side)
     parser.add_argument("--max-objects", type=int, default=DEFAULT_WORLD.max_objects)
     parser.add_argument("--word-prob", type=float, default=DEFAULT_WORLD.word_prob)
+    parser.add_argument("--word-grid", type=int, default=DEFAULT_WORLD.word_grid, help="typeset words on this grid")
+    parser.add_argument("--word-size", type=int, default=DEFAULT_WORLD.word_size, help="font size of typeset words")
     parser.add_argument("--merge-train-qa", action="store_true", help="one multi-turn QA record per train image")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    config = WorldConfig(args.min_side, args.max_side, args.max_objects, args.word_prob)
+    config = WorldConfig(args.min_side, args.max_side, args.max_objects, args.word_prob, args.word_grid, args.word_size)
     manifest = generate(
         args.out,
         args.seed,
