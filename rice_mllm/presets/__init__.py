@@ -2,8 +2,8 @@
 
 The tiny-world presets are sized for learning from scratch on two CPU cores, measured. `rice-vit-tiny-world` (8 px
 patches, 196 tokens per 112 px tile) is the stage-0 recipe's encoder: its region features are the richer ones.
-`rice-vit-tiny-world-p16` (16 px patches on 128 px tiles, 64 tokens) is the main job's: a whole multimodal sample is
-then ~3x shorter, which buys the LLM the steps it needs within the time budget. `qwen2.5-tiny` initialises with std
+`rice-vit-tiny-world-p16` (16 px patches on 96 px tiles, 36 tokens) is the main job's: a whole multimodal sample is
+then ~4x shorter, which buys the LLM the steps it needs within the time budget. `qwen2.5-tiny` initialises with std
 0.08 (about 1/sqrt(hidden)) instead of Qwen's 0.02, whose near-uniform attention at width 128 kept the model
 answering from priors for the first ~500 steps.
 """
