@@ -45,7 +45,8 @@ def world(tmp_path_factory) -> Path:
 def typeset_world(tmp_path_factory) -> Path:
     """The main job's kind of world: square one-tile images, words typeset on a 16 px grid, merged train records."""
     out = tmp_path_factory.mktemp("typeset")
-    args = ["--min-side", "128", "--max-side", "128", "--word-grid", "16", "--word-prob", "1", "--merge-train-qa"]
+    args = ["--min-side", "96", "--max-side", "96", "--word-grid", "16", "--word-size", "20", "--word-prob", "1"]
+    args.append("--merge-train-qa")
     synthetic.main(
         ["--out", str(out), "--seed", "4", "--num-images", "16", "--num-heldout", "4", "--no-progress", *args]
     )
