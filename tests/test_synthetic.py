@@ -197,13 +197,15 @@ def test_ensure_generated_reuses_only_a_matching_world(tmp_path):
     assert second["args"]["seed"] == 2 and (tmp_path / "images/train/000000.png").read_bytes() != image
 
 
-def test_merged_train_qa_holds_each_images_turns_in_one_record(tmp_path):
+def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
     args = ["--num-images", "6", "--num-heldout", "2", "--no-progress", "--seed", "5", "--qa-per-image", "5"]
     synthetic.main(["--out", str(tmp_path / "per_type"), *args])
     synthetic.main(["--out", str(tmp_path / "merged"), *args, "--merge-train-qa"])
     per_type, merged = _load(tmp_path / "per_type/qa_train.json"), _load(tmp_path / "merged/qa_train.json")
+    captions = _load(tmp_path / "per_type/captions_train.json")
     for image in sorted({r["image"] for r in per_type if isinstance(r.get("image"), str)}):
-        separate = [r for r in per_type if r.get("image") == image]
+        # the separate records' turns in order, then the image's caption record as the last turn
+        separate = [r for r in per_type if r.get("image") == image] + [r for r in captions if r["image"] == image]
         (together,) = [r for r in merged if r.get("image") == image]
         assert together["question_type"] == "mixed" and len(separate) >= 3
         turns = [(m["from"], m["value"].replace("<image>\n", "")) for r in separate for m in r["conversations"]]
@@ -295,7 +297,10 @@ def test_every_answer_matches_the_pixels(world_name, templates, request):
             turns = record["conversations"]
             for question, answer in zip(turns[::2], turns[1::2], strict=True):
                 text = question["value"].replace("<image>\n", "")
-                assert _answer(text, scenes, words) == answer["value"], (record["id"], text)
+                if record["question_type"] == "mixed" and question is turns[-2]:  # a merged record ends in a caption
+                    _check_caption(answer["value"], scenes[0], words[0])
+                else:
+                    assert _answer(text, scenes, words) == answer["value"], (record["id"], text)
             checked.add(record["question_type"])
         for record in _load(world / f"captions_{split}.json"):
             image = world / record["image"]
