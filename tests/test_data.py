@@ -8,12 +8,13 @@ import datasets
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import ConcatDataset, TensorDataset
 from transformers import AutoTokenizer
 
 from rice_mllm.constants import IGNORE_INDEX
 from rice_mllm.data.__main__ import main
 from rice_mllm.data.collate import PaddingCollator
-from rice_mllm.data.dataset import ConversationDataset
+from rice_mllm.data.dataset import ConversationDataset, dataset_lengths
 from rice_mllm.data.sources import (
     CorruptImageError,
     DataFormatError,
@@ -159,6 +160,27 @@ def test_dataset_and_collator_end_to_end(tmp_path, processor):
     )
     with pytest.raises(ImagePlaceholderError, match=r"d.jsonl record 2: 0 <image> placeholder\(s\) .* but 1 image"):
         dataset[2]
+
+
+def test_lengths_from_headers_equal_the_rendered_samples(tmp_path, processor):
+    save_png(tmp_path / "a.png", size=(90, 30))
+    save_png(tmp_path / "b.png", size=(400, 300))
+    records = [
+        {"image": "a.png", "conversations": [turn("human", "<image>what?"), turn("gpt", "a box")]},
+        {"conversations": [turn("human", "hello"), turn("gpt", "hi")]},
+        {"image": ["a.png", "b.png"], "conversations": [turn("human", "<image><image>same?"), turn("gpt", "no")]},
+    ]
+    write_jsonl(tmp_path / "d.jsonl", records)
+    write_jsonl(tmp_path / "e.jsonl", records[1:])
+    parts = [ConversationDataset(load_conversations(tmp_path / n), processor) for n in ("d.jsonl", "e.jsonl")]
+    dataset = ConcatDataset(parts)
+    # the reference: every item fully rendered, pixels decoded and tiled
+    assert dataset_lengths(dataset) == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    write_jsonl(tmp_path / "gone.jsonl", [{"image": "gone.png", "conversations": records[0]["conversations"]}])
+    with pytest.raises(MissingImageError, match=r"gone.jsonl record 0: image 0 .*gone.png: file not found"):
+        ConversationDataset(load_conversations(tmp_path / "gone.jsonl"), processor).lengths()
+    with pytest.raises(TypeError, match="conversation data; this stage's dataset is \\['TensorDataset'\\]"):
+        dataset_lengths(TensorDataset(torch.zeros(3)))
 
 
 def write_problem_file(tmp_path) -> str:

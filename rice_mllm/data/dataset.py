@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
-from rice_mllm.data.sources import Conversation, open_images
+from rice_mllm.data.sources import Conversation, image_size, open_images
 from rice_mllm.mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError
 
 
@@ -36,3 +36,24 @@ class ConversationDataset(Dataset):
             return self.processor(conversation.messages, images)
         except (ImagePlaceholderError, SampleTooLongError) as error:
             raise type(error)(f"{conversation.location}: {error}") from error
+
+    def lengths(self) -> list[int]:
+        """Tokens per record, from the text and the image headers only: what length-grouped batching sorts by."""
+        lengths = []
+        for conversation in self.conversations:
+            where = conversation.location
+            sizes = [image_size(image, f"{where}: image {i}") for i, image in enumerate(conversation.images)]
+            try:
+                lengths.append(len(self.processor.encode(conversation.messages, sizes)["input_ids"]))
+            except ImagePlaceholderError as error:
+                raise ImagePlaceholderError(f"{where}: {error}") from error
+        return lengths
+
+
+def dataset_lengths(dataset: Dataset) -> list[int]:
+    """Tokens per item of a ConversationDataset, or of a ConcatDataset of them, in item order."""
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    if not all(isinstance(part, ConversationDataset) for part in parts):
+        names = sorted({type(part).__name__ for part in parts})
+        raise TypeError(f"length-grouped batching needs conversation data; this stage's dataset is {names}")
+    return [length for part in parts for length in part.lengths()]

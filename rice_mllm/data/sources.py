@@ -175,6 +175,19 @@ def open_image(image: Path | Image.Image, where: str) -> Image.Image:
         raise CorruptImageError(f"{where} {image}: cannot decode: {error}") from error
 
 
+def image_size(image: Path | Image.Image, where: str) -> tuple[int, int]:
+    """(height, width) of one image from its header alone (no decode); errors as `open_image`'s."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if not image.is_file():
+        raise MissingImageError(f"{where} {image}: file not found")
+    try:
+        with Image.open(image) as handle:
+            return handle.height, handle.width
+    except (OSError, SyntaxError, ValueError) as error:
+        raise CorruptImageError(f"{where} {image}: cannot read its header: {error}") from error
+
+
 def open_images(conversation: Conversation) -> list[Image.Image]:
     """All images of a record, decoded as RGB, in placeholder order."""
     return [

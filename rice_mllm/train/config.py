@@ -34,6 +34,7 @@ class DataConfig:
     max_length: int = 2048  # longer samples raise (never truncated through an image)
     num_workers: int = 0
     pack_max_tokens: int | None = None  # padding-free: pack each micro-batch's samples into rows of this many tokens
+    group_by_length: bool = False  # batch records of similar token length (less padding; LLaVA's group_by_length)
     tiny_world: str | None = None  # generate the kit's tiny world into this folder first (skipped when present)
     tiny_world_images: int = 256
 

@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.dataset import dataset_lengths
+from ..data.packing import LengthGroupedSampler
 from .builders import DEFAULT_BUILDERS, Builders
 from .checkpoint import clean_incomplete, find_resume_checkpoint, load_checkpoint, resolve_model_dir, save_checkpoint
 from .config import TrainConfig, load_config, save_config
@@ -52,6 +54,19 @@ def epoch_indices(num_samples: int, seed: int, epoch: int) -> list[int]:
     perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     per_rank = num_samples // world_size()
     return perm[rank() :: world_size()][:per_rank]
+
+
+def grouped_epoch_indices(lengths: list[int], micro: int, seed: int, epoch: int) -> list[int]:
+    """This rank's order for one epoch in micro-batches of similar token length (`data.group_by_length`).
+
+    Global batches of micro * world_size records come from LengthGroupedSampler and each is cut into one slice per
+    rank, so every rank's micro-batch pads little and all ranks run the same number of steps. The short last batch
+    is dropped, as the plain order drops the epoch's remainder.
+    """
+    sampler = LengthGroupedSampler(lengths, micro * world_size(), seed=seed)
+    sampler.set_epoch(epoch)
+    full = [batch for batch in sampler.batches() if len(batch) == micro * world_size()]
+    return [index for batch in full for index in batch[rank() * micro : (rank() + 1) * micro]]
 
 
 def _to_device(batch: dict, dev: torch.device, float_dtype: torch.dtype | None) -> dict:
@@ -167,6 +182,7 @@ def train(config: TrainConfig, builders: Builders | None = None) -> str | None:
         tqdm.write(f"stage {config.stage}\n{parameter_table(model)}")
     dataset = builders.dataset(config, processor)
     collate = builders.collator(config, processor)
+    lengths = dataset_lengths(dataset) if config.data.group_by_length else None
 
     o = config.optim
     per_rank = len(dataset) // world_size()
@@ -210,7 +226,11 @@ def train(config: TrainConfig, builders: Builders | None = None) -> str | None:
         epoch, done = divmod(step, steps_per_epoch)
         if hasattr(dataset, "set_epoch"):  # datasets that draw per epoch (stage-0 regions); depends on epoch only
             dataset.set_epoch(epoch)
-        order = epoch_indices(len(dataset), o.seed, epoch)[done * micro * o.grad_accum :]
+        if lengths is None:
+            order = epoch_indices(len(dataset), o.seed, epoch)
+        else:
+            order = grouped_epoch_indices(lengths, micro, o.seed, epoch)
+        order = order[done * micro * o.grad_accum :]
         # a private generator: creating a loader iterator otherwise draws from the global RNG, so a resumed run
         # (one extra iterator) would get other dropout masks than the uninterrupted one
         batches = iter(
