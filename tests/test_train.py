@@ -313,13 +313,19 @@ def test_stage2_on_the_tiny_world_under_zero3_resumes_exactly(tmp_path):
         "save_steps=2",
         "resume=auto",
     ]
+    _assert_resume_replays_the_lost_steps(run, args, replayed=[3, 4])
+
+
+def _assert_resume_replays_the_lost_steps(run: Path, args: list[str], replayed: list[int]) -> None:
+    """Train, lose the final checkpoint and the log (as if killed after the save before), train again with
+    `resume=auto`: the replayed steps give the first run's losses."""
     main(args)
     expected = _losses(run)
-    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / f"checkpoint-{replayed[-1]}")
     (run / "metrics.jsonl").unlink()
     main(args)
     got = _losses(run)
-    assert sorted(got) == [3, 4] and all(abs(got[s] - expected[s]) < 1e-4 for s in got), (got, expected)
+    assert sorted(got) == replayed and all(abs(got[s] - expected[s]) < 1e-4 for s in got), (got, expected)
 
 
 def test_packed_training_matches_padded_training(tmp_path):
@@ -373,13 +379,7 @@ def test_length_grouped_stage2_resumes_exactly_across_an_epoch(tmp_path):
         "logging_steps=1",
         "resume=auto",
     ]
-    main(args)
-    expected = _losses(run)
-    shutil.rmtree(run / "checkpoint-8")
-    (run / "metrics.jsonl").unlink()
-    main(args)
-    got = _losses(run)
-    assert sorted(got) == [5, 6, 7, 8] and all(abs(got[s] - expected[s]) < 1e-4 for s in got), (got, expected)
+    _assert_resume_replays_the_lost_steps(run, args, replayed=[5, 6, 7, 8])
 
 
 def _stage1(tmp_path: Path) -> str:
