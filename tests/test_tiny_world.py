@@ -27,7 +27,7 @@ def test_command_line_overrides_name_a_stage():
 @pytest.mark.slow
 def test_shrunk_main_job_runs_end_to_end(tmp_path, capsys):
     shrink = ["stage0.optim.epochs=1", "stage1.optim.epochs=1", "stage2.optim.epochs=1", "stage2.save_steps=1000"]
-    summary = main(["--out", str(tmp_path), "--images", "32", *shrink])
+    summary = main(["--out", str(tmp_path), "--images", "32", "--heldout", "16", *shrink])
     assert set(summary["timings_s"]) == set(PLAN)
     for report in (summary["eval"], summary["blank"]):
         assert report["overall"]["count"] == sum(kind["count"] for kind in report["per_type"].values())
