@@ -77,8 +77,9 @@ def build_split(
         qa_per_image: QA records per image, each of a different question type (fewer if the scene supports fewer).
         merge_qa: write an image's QA turns and then its caption as one multi-turn record (question_type "mixed")
             instead of one record per type. For training: the image's tokens, most of a sample, are then paid once
-            for all its questions, and the caption names every object's colour, shape and place. Against separate
-            caption records it scored 82.0% against 77.3% held-out exact match on the main job (measured).
+            for all its questions, and the caption names every object's colour, shape and place. The main job went
+            from 77.3% (separate caption records, 6 stage-2 epochs) to 82.0% (this, 10 epochs) held-out exact match
+            on 64 images: measured, the two changes together.
 
     Returns:
         The scenes, their image paths (relative to the output folder) and the records, in a fixed order:
