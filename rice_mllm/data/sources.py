@@ -7,12 +7,14 @@ image paths are relative to the data file's folder. Invariant: every error names
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
+
+T = TypeVar("T")
 
 # LLaVA speaker names -> chat roles; role names themselves are accepted too (ShareGPT-style exports).
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -161,31 +163,29 @@ def conversations_from_dataset(
     return [parse_record(dict(row), name, index, root) for index, row in enumerate(dataset)]
 
 
-def open_image(image: Path | Image.Image, where: str) -> Image.Image:
-    """Fully decode one image as RGB; `where` names it in MissingImageError / CorruptImageError."""
+def _read_image(image: Path | Image.Image, where: str, read: Callable[[Image.Image], T], action: str) -> T:
+    """`read` an in-memory image, or the file at `image`, raising MissingImageError / CorruptImageError that name
+    `where` and, for a file that fails, the `action` attempted."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return read(image)
     if not image.is_file():
         raise MissingImageError(f"{where} {image}: file not found")
     try:
         with Image.open(image) as handle:
-            # convert() forces a full decode, so truncated files fail here, not in a training worker.
-            return handle.convert("RGB")
+            return read(handle)
     except (OSError, SyntaxError, ValueError) as error:
-        raise CorruptImageError(f"{where} {image}: cannot decode: {error}") from error
+        raise CorruptImageError(f"{where} {image}: cannot {action}: {error}") from error
+
+
+def open_image(image: Path | Image.Image, where: str) -> Image.Image:
+    """Fully decode one image as RGB; `where` names it in MissingImageError / CorruptImageError."""
+    # convert() forces a full decode, so truncated files fail here, not in a training worker.
+    return _read_image(image, where, lambda handle: handle.convert("RGB"), "decode")
 
 
 def image_size(image: Path | Image.Image, where: str) -> tuple[int, int]:
     """(height, width) of one image from its header alone (no decode); errors as `open_image`'s."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    if not image.is_file():
-        raise MissingImageError(f"{where} {image}: file not found")
-    try:
-        with Image.open(image) as handle:
-            return handle.height, handle.width
-    except (OSError, SyntaxError, ValueError) as error:
-        raise CorruptImageError(f"{where} {image}: cannot read its header: {error}") from error
+    return _read_image(image, where, lambda handle: (handle.height, handle.width), "read its header")
 
 
 def open_images(conversation: Conversation) -> list[Image.Image]:
