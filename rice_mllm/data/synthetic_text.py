@@ -16,8 +16,6 @@ from rice_mllm.data.synthetic_scene import COLOURS, SHAPE_PLURALS, SHAPES, Scene
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "reading", "text", "multi_image")
 IMAGE_QUESTION_TYPES: tuple[str, ...] = QUESTION_TYPES[:5]
 CAPTION_PROMPTS: tuple[str, ...] = ("Describe the image briefly.", "What is in the image?", "Give a short caption.")
-# Asking order in a merged record: each type reveals nothing that answers a later one (`merged_question_turns`).
-MERGED_ORDER: tuple[str, ...] = ("colour", "shape", "count", "position", "reading")
 MULTI_TURN_PROB = 0.3
 MAX_TURNS = 3
 
@@ -152,14 +150,15 @@ def _answered_by(turn: Turn, question_type: str, named: frozenset[str]) -> bool:
 def merged_question_turns(scene: Scene, question_types: list[str], rng: random.Random) -> list[Turn]:
     """The turns of several question types as one conversation in which no answer is given away by an earlier turn.
 
-    Held-out questions come alone, so an answer the conversation gives away trains copying, not looking. Types go in
-    MERGED_ORDER and each skips the turns that the objects named so far answer (`_answered_by`): position questions,
-    which name their object but whose answer only the caption tells, come after the types they would give away.
-    Measured on the main job's world before this rule: 44% of the colour and of the shape turns of merged records
-    were answered by an earlier turn.
+    Held-out questions come alone, so an answer the conversation gives away trains copying, not looking: each type,
+    in the given order, skips the turns that the objects named so far answer (`_answered_by`). Measured on the main
+    job's world before this rule: 44% of the colour and of the shape turns of merged records were answered by an
+    earlier turn. The order stays random: held-out questions are first turns, and with the types in a fixed order
+    (colour, shape, count, position, reading, which skips the fewest turns) the main job's stage 2 read 32% of the
+    held-out words after 8 epochs, against 100% with a random order.
     """
     turns: list[Turn] = []
-    for question_type in sorted(question_types, key=MERGED_ORDER.index):
+    for question_type in question_types:
         turns += question_turns(scene, question_type, rng, _named_labels(scene, turns))
     return turns
 
