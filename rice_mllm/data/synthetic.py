@@ -21,7 +21,6 @@ from rice_mllm.data.synthetic_text import (
     CAPTION_PROMPTS,
     caption,
     conversation,
-    merged_question_turns,
     question_turns,
     supported_question_types,
     text_only_turn,
@@ -30,8 +29,6 @@ from rice_mllm.data.synthetic_text import (
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
-# Names the merged-record layout in the manifest (`_arguments`), so a world merged under an earlier one is regenerated.
-MERGED_LAYOUT = "qa-none-given-away-then-caption"
 TEXT_ONLY_FRACTION = 0.05  # text-only and two-image records, per image of the split (at least one each)
 TWO_IMAGE_FRACTION = 0.05
 
@@ -107,15 +104,14 @@ def build_split(
             }
         )
         kinds = supported_question_types(scene)
-        kinds = rng.sample(kinds, min(qa_per_image, len(kinds)))
+        turns_by_kind = {
+            kind: question_turns(scene, kind, rng) for kind in rng.sample(kinds, min(qa_per_image, len(kinds)))
+        }
         if merge_qa:
             # The caption goes last: placed first, the answers could be copied from it instead of read off the
-            # image, which a held-out question (asked without a caption) does not allow. The same holds between
-            # questions, which `merged_question_turns` orders and picks so that none answers another.
-            turns = merged_question_turns(scene, kinds, rng)
+            # image, which a held-out question (asked without a caption) does not allow.
+            turns = [turn for kind_turns in turns_by_kind.values() for turn in kind_turns]
             turns_by_kind = {"mixed": [*turns, (prompt.removeprefix(f"{IMAGE_TOKEN}\n"), caption(scene))]}
-        else:
-            turns_by_kind = {kind: question_turns(scene, kind, rng) for kind in kinds}
         for kind, turns in turns_by_kind.items():
             records.qa.append(
                 {
@@ -172,8 +168,9 @@ def _arguments(
     seed: int, num_images: int, num_heldout: int, config: WorldConfig, qa_per_image: int, merge_train_qa: bool
 ) -> dict:
     arguments = {"seed": seed, "num_images": num_images, "num_heldout": num_heldout, "qa_per_image": qa_per_image}
-    # Left out when off, so manifests written before the option existed still match.
-    return arguments | asdict(config) | ({"merge_train_qa": MERGED_LAYOUT} if merge_train_qa else {})
+    # Left out when off, so manifests written before the option existed still match. When on, it names the record
+    # layout, so a world merged before the caption turn was added is regenerated rather than reused.
+    return arguments | asdict(config) | ({"merge_train_qa": "qa-then-caption"} if merge_train_qa else {})
 
 
 def generate(

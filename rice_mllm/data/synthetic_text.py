@@ -99,17 +99,13 @@ _TURN_MAKERS: dict[str, Callable[[Scene, random.Random], list[Turn]]] = {
 }
 
 
-def question_turns(
-    scene: Scene, question_type: str, rng: random.Random, named: frozenset[str] = frozenset()
-) -> list[Turn]:
+def question_turns(scene: Scene, question_type: str, rng: random.Random) -> list[Turn]:
     """Question-answer turns of one type about a scene: one turn, or with probability 0.3 up to three.
 
     Args:
         scene: the scene asked about.
         question_type: one of IMAGE_QUESTION_TYPES.
         rng: source of the template, target and turn-count choices.
-        named: labels ("red circle") that earlier turns of the same conversation name; turns those give away are left
-            out (`_answered_by`).
 
     Returns:
         Turns in asking order; empty when the scene cannot support the type (e.g. "reading" without a word,
@@ -118,49 +114,9 @@ def question_turns(
     if question_type not in _TURN_MAKERS:
         raise KeyError(f"unknown image question type {question_type!r}; valid: {sorted(_TURN_MAKERS)}")
     turns = _TURN_MAKERS[question_type](scene, rng)
-    turns = [turn for turn in turns if not _answered_by(turn, question_type, named)]
     rng.shuffle(turns)
     num_turns = rng.randint(2, MAX_TURNS) if rng.random() < MULTI_TURN_PROB else 1
     return turns[:num_turns]
-
-
-def _words(turn: Turn) -> set[str]:
-    return set(" ".join(turn).lower().replace("?", " ").replace(".", " ").split())
-
-
-def _named_labels(scene: Scene, turns: list[Turn]) -> frozenset[str]:
-    """Labels of the scene's objects whose colour and shape both occur in one of these turns (question or answer)."""
-    return frozenset(obj.label for obj in scene.objects for turn in turns if {obj.colour, obj.shape} <= _words(turn))
-
-
-def _answered_by(turn: Turn, question_type: str, named: frozenset[str]) -> bool:
-    """Whether earlier turns naming the `named` objects give this turn's answer away.
-
-    A colour or shape turn about a named object is answered outright. A count of a named object's colour or shape is
-    too: colour and shape questions ask only about unique referents, so "What colour is the star?" tells "1 star".
-    """
-    words = _words(turn)
-    if question_type in ("colour", "shape"):
-        return any(set(label.split()) <= words for label in named)
-    if question_type == "count":
-        return any(colour in words or SHAPE_PLURALS[shape] in words for colour, shape in map(str.split, named))
-    return False
-
-
-def merged_question_turns(scene: Scene, question_types: list[str], rng: random.Random) -> list[Turn]:
-    """The turns of several question types as one conversation in which no answer is given away by an earlier turn.
-
-    Held-out questions come alone, so an answer the conversation gives away trains copying, not looking: each type,
-    in the given order, skips the turns that the objects named so far answer (`_answered_by`). Measured on the main
-    job's world before this rule: 44% of the colour and of the shape turns of merged records were answered by an
-    earlier turn. The order stays random: held-out questions are first turns, and with the types in a fixed order
-    (colour, shape, count, position, reading, which skips the fewest turns) the main job's stage 2 read 32% of the
-    held-out words after 8 epochs, against 100% with a random order.
-    """
-    turns: list[Turn] = []
-    for question_type in question_types:
-        turns += question_turns(scene, question_type, rng, _named_labels(scene, turns))
-    return turns
 
 
 def supported_question_types(scene: Scene) -> list[str]:
