@@ -162,6 +162,10 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
         return match["shape"]
     if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
         (match,) = [s for s in shapes if (s["colour"], s["shape"]) == (m[1], m[2])]
+        assert sum(s["shape"] == m[2] for s in shapes) > 1, f"{question!r}: the shape alone would name it"
+        return match["position"]
+    if m := re.fullmatch(r"Where is the (\w+)\?", question):
+        (match,) = [s for s in shapes if s["shape"] == m[1]]
         return match["position"]
     if question in ("What word is written in the image?", "What does the text say?", "Read the word in the image."):
         assert words[0] is not None

@@ -80,7 +80,15 @@ def _count_turns(scene: Scene, rng: random.Random) -> list[Turn]:
 
 
 def _position_turns(scene: Scene, rng: random.Random) -> list[Turn]:
-    return [(f"Where is the {obj.label}?", obj.position) for obj in scene.objects]
+    """Name the object by its shape alone when no other object has that shape, as a person would, else by colour and
+    shape. Why: colour questions were the only ones that asked for an object by its singular shape word, and the
+    tiny LLM learnt to find an object by shape in only some runs (it named any colour in the image instead); position
+    questions that ask by shape train the same lookup."""
+    shapes = [obj.shape for obj in scene.objects]
+    return [
+        (f"Where is the {obj.shape if shapes.count(obj.shape) == 1 else obj.label}?", obj.position)
+        for obj in scene.objects
+    ]
 
 
 def _reading_turns(scene: Scene, rng: random.Random) -> list[Turn]:
