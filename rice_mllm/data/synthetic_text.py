@@ -80,10 +80,9 @@ def _count_turns(scene: Scene, rng: random.Random) -> list[Turn]:
 
 
 def _position_turns(scene: Scene, rng: random.Random) -> list[Turn]:
-    """Name the object by its shape alone when no other object has that shape, as a person would, else by colour and
-    shape. Why: colour questions were the only ones that asked for an object by its singular shape word, and the
-    tiny LLM learnt to find an object by shape in only some runs (it named any colour in the image instead); position
-    questions that ask by shape train the same lookup."""
+    """Name an object by its shape alone when no other object has that shape, else by colour and shape. Why: colour
+    questions were otherwise the only turns that find an object by its shape word, and the tiny LLM learnt that
+    lookup in only some runs (naming any colour in the image instead)."""
     shapes = [obj.shape for obj in scene.objects]
     return [
         (f"Where is the {obj.shape if shapes.count(obj.shape) == 1 else obj.label}?", obj.position)
