@@ -199,6 +199,11 @@ def test_ensure_generated_reuses_only_a_matching_world(tmp_path):
     assert (tmp_path / "manifest.json").stat().st_mtime_ns == stamp
     second = synthetic.ensure_generated(tmp_path, seed=2, num_images=2, num_heldout=1)
     assert second["args"]["seed"] == 2 and (tmp_path / "images/train/000000.png").read_bytes() != image
+    # a world an older generator wrote (same arguments, earlier text) is regenerated, not reused
+    stale = {**second, "version": second["version"] - 1}
+    (tmp_path / "manifest.json").write_text(json.dumps(stale))
+    assert synthetic.ensure_generated(tmp_path, seed=2, num_images=2, num_heldout=1) == second
+    assert json.loads((tmp_path / "manifest.json").read_text())["version"] == second["version"]
 
 
 def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):

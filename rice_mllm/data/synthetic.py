@@ -29,6 +29,9 @@ from rice_mllm.data.synthetic_text import (
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
+# Bumped whenever the same arguments would give different files, so that `ensure_generated` regenerates a world an
+# older generator wrote instead of training on its stale text. 2: position questions name a unique shape alone.
+GENERATOR_VERSION = 2
 TEXT_ONLY_FRACTION = 0.05  # text-only and two-image records, per image of the split (at least one each)
 TWO_IMAGE_FRACTION = 0.05
 
@@ -204,7 +207,7 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not leave a manifest vouching for old files
     arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa)
-    manifest: dict = {"generator": __name__, "args": arguments, "splits": {}}
+    manifest: dict = {"generator": __name__, "version": GENERATOR_VERSION, "args": arguments, "splits": {}}
     for split, count in zip(SPLITS, (num_images, num_heldout), strict=True):
         records = build_split(seed, split, count, config, qa_per_image, merge_qa=merge_train_qa and split == "train")
         write_split(out, records, progress)
@@ -223,14 +226,16 @@ def ensure_generated(
     progress: bool = False,
     merge_train_qa: bool = False,
 ) -> dict:
-    """`generate` unless `out_dir/manifest.json` already records these exact arguments; returns the manifest.
+    """`generate` unless `out_dir/manifest.json` records this generator version and these exact arguments; returns
+    the manifest.
 
     Not safe to call from several processes at once: in distributed runs call it on rank 0, then barrier.
     """
     path = Path(out_dir) / MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("args") == _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa):
+        arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa)
+        if manifest.get("version") == GENERATOR_VERSION and manifest.get("args") == arguments:
             return manifest
     return generate(out_dir, seed, num_images, num_heldout, config, qa_per_image, progress, merge_train_qa)
 
