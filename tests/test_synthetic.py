@@ -287,16 +287,26 @@ def test_regions_match_the_pixels(world_name, templates, request):
             assert _read_word(path, templates) == text, record["image"]
 
 
-def _check_caption(caption: str, shapes: list[dict], word: str | None) -> None:
-    for shape in shapes:
-        assert f"{shape['colour']} {shape['shape']}" in caption and shape["position"] in caption, caption
+def _check_caption(caption: str, shapes: list[dict], word: str | None) -> bool:
+    """Every shape with its place, all colour first ("a red star at the top") or all shape first ("a star at the top
+    coloured red"); returns whether shape first."""
+
+    def place(s: dict) -> str:
+        return rf"(at|on|in) the {s['position']}"
+
+    colour_first = [re.search(rf"\b{s['colour']} {s['shape']} {place(s)}(?=[,.]| and )", caption) for s in shapes]
+    shape_first = [
+        re.search(rf"\b{s['shape']} {place(s)} coloured {s['colour']}(?=[,.]| and )", caption) for s in shapes
+    ]
+    assert all(colour_first) != all(shape_first) and ("coloured" in caption) == all(shape_first), caption
     assert (word is None) == ("the word" not in caption) and (word is None or f"'{word}'" in caption), caption
+    return all(shape_first)
 
 
 @pytest.mark.parametrize("world_name", ["world", "typeset_world"])
 def test_every_answer_matches_the_pixels(world_name, templates, request):
     world = request.getfixturevalue(world_name)
-    checked = set()
+    checked, shape_first = set(), set()
     for split in ("train", "heldout"):
         for record in _load(world / f"qa_{split}.json"):
             images = record.get("image", [])
@@ -307,14 +317,15 @@ def test_every_answer_matches_the_pixels(world_name, templates, request):
             for question, answer in zip(turns[::2], turns[1::2], strict=True):
                 text = question["value"].replace("<image>\n", "")
                 if record["question_type"] == "mixed" and question is turns[-2]:  # a merged record ends in a caption
-                    _check_caption(answer["value"], scenes[0], words[0])
+                    shape_first.add(_check_caption(answer["value"], scenes[0], words[0]))
                 else:
                     assert _answer(text, scenes, words) == answer["value"], (record["id"], text)
             checked.add(record["question_type"])
         for record in _load(world / f"captions_{split}.json"):
             image = world / record["image"]
-            _check_caption(record["conversations"][1]["value"], _parse_shapes(image), _read_word(image, templates))
-    assert checked - {"mixed"} == ALL_TYPES
+            caption = record["conversations"][1]["value"]
+            shape_first.add(_check_caption(caption, _parse_shapes(image), _read_word(image, templates)))
+    assert checked - {"mixed"} == ALL_TYPES and shape_first == {False, True}
 
 
 def test_typeset_words_are_one_patch_pattern_wherever_they_stand(typeset_world):

@@ -30,8 +30,8 @@ from rice_mllm.data.synthetic_text import (
 SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
 # Bumped whenever the same arguments would give different files, so that `ensure_generated` regenerates a world an
-# older generator wrote instead of training on its stale text. 2: position questions name a unique shape alone.
-GENERATOR_VERSION = 2
+# older generator wrote instead of training on its stale text. 2: position questions name a unique shape alone; 3: half the captions name shapes first.
+GENERATOR_VERSION = 3
 TEXT_ONLY_FRACTION = 0.05  # text-only and two-image records, per image of the split (at least one each)
 TWO_IMAGE_FRACTION = 0.05
 
@@ -99,11 +99,13 @@ def build_split(
         records.image_paths.append(path)
         rng = _rng(seed, split, index, "text")
         prompt = f"{IMAGE_TOKEN}\n{rng.choice(CAPTION_PROMPTS)}"
+        # Its own stream, so the phrasing choice leaves the questions as they were.
+        description = caption(scene, shape_first=_rng(seed, split, index, "caption").random() < 0.5)
         records.captions.append(
             {
                 "id": f"{split}-{index:06d}-caption",
                 "image": path,
-                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption(scene)}],
+                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": description}],
             }
         )
         kinds = supported_question_types(scene)
@@ -114,7 +116,7 @@ def build_split(
             # The caption goes last: placed first, the answers could be copied from it instead of read off the
             # image, which a held-out question (asked without a caption) does not allow.
             turns = [turn for kind_turns in turns_by_kind.values() for turn in kind_turns]
-            turns_by_kind = {"mixed": [*turns, (prompt.removeprefix(f"{IMAGE_TOKEN}\n"), caption(scene))]}
+            turns_by_kind = {"mixed": [*turns, (prompt.removeprefix(f"{IMAGE_TOKEN}\n"), description)]}
         for kind, turns in turns_by_kind.items():
             records.qa.append(
                 {

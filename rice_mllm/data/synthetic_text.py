@@ -39,12 +39,20 @@ def reading_order(scene: Scene) -> list[SceneObject]:
     return sorted(scene.objects, key=lambda obj: (obj.row, obj.col))
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, shape_first: bool = False) -> str:
     """One-sentence caption naming every object with its position, then the word if any.
 
-    e.g. "A red circle at the top left, an orange square in the center and the word 'cat'."
+    e.g. "A red circle at the top left, an orange square in the center and the word 'cat'." or, shape first,
+    "A circle at the top left coloured red, a square in the center coloured orange and the word 'cat'."
+    Why both: writing a caption, the model names each object's next attribute by finding the object it has just
+    named. Colour-first captions only ever find an object by its colour, which is what shape questions need;
+    shape-first ones find it by its shape, which colour and position questions need.
     """
-    parts = [f"{'an' if obj.label[0] in 'aeiou' else 'a'} {obj.label} {_where(obj)}" for obj in reading_order(scene)]
+    if shape_first:
+        named = [(obj.shape, f"{_where(obj)} coloured {obj.colour}") for obj in reading_order(scene)]
+    else:
+        named = [(obj.label, _where(obj)) for obj in reading_order(scene)]
+    parts = [f"{'an' if name[0] in 'aeiou' else 'a'} {name} {rest}" for name, rest in named]
     if scene.word is not None:
         parts.append(f"the word '{scene.word.text}'")
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
