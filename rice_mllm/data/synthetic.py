@@ -31,8 +31,8 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
 # Bumped whenever the same arguments would give different files, so that `ensure_generated` regenerates a world an
 # older generator wrote instead of training on its stale text. 2: position questions name a unique shape alone.
-# 3: half the captions name shapes first.
-GENERATOR_VERSION = 3
+# 3: half the captions name shapes first. 4: captions name objects in drawing order.
+GENERATOR_VERSION = 4
 TEXT_ONLY_FRACTION = 0.05  # text-only and two-image records, per image of the split (at least one each)
 TWO_IMAGE_FRACTION = 0.05
 

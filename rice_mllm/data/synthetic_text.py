@@ -34,11 +34,6 @@ def _where(obj: SceneObject) -> str:
     return f"{_PREPOSITIONS.get(obj.position, 'at the')} {obj.position}"
 
 
-def reading_order(scene: Scene) -> list[SceneObject]:
-    """Objects sorted top-to-bottom, left-to-right by grid cell (cells are distinct, so the order is total)."""
-    return sorted(scene.objects, key=lambda obj: (obj.row, obj.col))
-
-
 def caption(scene: Scene, shape_first: bool = False) -> str:
     """One-sentence caption naming every object with its position, then the word if any.
 
@@ -47,11 +42,14 @@ def caption(scene: Scene, shape_first: bool = False) -> str:
     Why both: writing a caption, the model names each object's next attribute by finding the object it has just
     named. Colour-first captions only ever find an object by its colour, which is what shape questions need;
     shape-first ones find it by its shape, which colour and position questions need.
+    Objects come in the scene's (random) drawing order, not top-to-bottom: in reading order the first object is
+    the top-most one, so the order gave places away instead of making the model find them. Measured on the main
+    job (one run each): 84.6% held-out exact match (colour 96%) against 83.0% (colour 89.5%) in reading order.
     """
     if shape_first:
-        named = [(obj.shape, f"{_where(obj)} coloured {obj.colour}") for obj in reading_order(scene)]
+        named = [(obj.shape, f"{_where(obj)} coloured {obj.colour}") for obj in scene.objects]
     else:
-        named = [(obj.label, _where(obj)) for obj in reading_order(scene)]
+        named = [(obj.label, _where(obj)) for obj in scene.objects]
     parts = [f"{'an' if name[0] in 'aeiou' else 'a'} {name} {rest}" for name, rest in named]
     if scene.word is not None:
         parts.append(f"the word '{scene.word.text}'")
