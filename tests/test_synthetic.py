@@ -303,6 +303,26 @@ def _check_caption(caption: str, shapes: list[dict], word: str | None) -> bool:
     return all(shape_first)
 
 
+def test_captions_name_objects_out_of_reading_order(world):
+    """Captions follow the drawing order: in reading order the first object named would always be the top-most, so
+    the order alone would give places away."""
+    orders = []
+    for record in _load(world / "captions_train.json"):
+        shapes = _parse_shapes(world / record["image"])
+        if len(shapes) < 2:
+            continue
+        caption = record["conversations"][1]["value"]
+        named = [
+            rf"\b({s['colour']} {s['shape']}|{s['shape']} (at|on|in) the {s['position']} coloured)\b" for s in shapes
+        ]
+        starts = [re.search(pattern, caption).start() for pattern in named]
+        cells = [
+            next((r, row.index(s["position"])) for r, row in enumerate(GRID) if s["position"] in row) for s in shapes
+        ]
+        orders.append([cell for _, cell in sorted(zip(starts, cells, strict=True))])
+    assert len(orders) >= 3 and any(order != sorted(order) for order in orders), orders
+
+
 @pytest.mark.parametrize("world_name", ["world", "typeset_world"])
 def test_every_answer_matches_the_pixels(world_name, templates, request):
     world = request.getfixturevalue(world_name)
