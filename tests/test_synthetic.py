@@ -99,8 +99,9 @@ def _parse_shapes(path: Path) -> list[dict]:
             shape = "star"
         else:
             shape = "triangle" if bottom_width > 0.6 else "diamond"
-        position = GRID[int(3 * (y0 + y1) / 2 / height)][int(3 * (x0 + x1) / 2 / width)]
-        shapes.append({"colour": colour, "shape": shape, "position": position, "box": [x0, y0, x1, y1]})
+        cell = (int(3 * (y0 + y1) / 2 / height), int(3 * (x0 + x1) / 2 / width))
+        position = GRID[cell[0]][cell[1]]
+        shapes.append({"colour": colour, "shape": shape, "position": position, "cell": cell, "box": [x0, y0, x1, y1]})
     return shapes
 
 
@@ -287,17 +288,20 @@ def test_regions_match_the_pixels(world_name, templates, request):
             assert _read_word(path, templates) == text, record["image"]
 
 
+def _caption_mentions(caption: str, shape: dict) -> tuple[re.Match | None, re.Match | None]:
+    """Where the caption names the shape with its place: colour first ("red star at the top"), shape first ("star at
+    the top coloured red")."""
+    place = rf"(at|on|in) the {shape['position']}"
+    end = r"(?=[,.]| and )"
+    return (
+        re.search(rf"\b{shape['colour']} {shape['shape']} {place}{end}", caption),
+        re.search(rf"\b{shape['shape']} {place} coloured {shape['colour']}{end}", caption),
+    )
+
+
 def _check_caption(caption: str, shapes: list[dict], word: str | None) -> bool:
-    """Every shape with its place, all colour first ("a red star at the top") or all shape first ("a star at the top
-    coloured red"); returns whether shape first."""
-
-    def place(s: dict) -> str:
-        return rf"(at|on|in) the {s['position']}"
-
-    colour_first = [re.search(rf"\b{s['colour']} {s['shape']} {place(s)}(?=[,.]| and )", caption) for s in shapes]
-    shape_first = [
-        re.search(rf"\b{s['shape']} {place(s)} coloured {s['colour']}(?=[,.]| and )", caption) for s in shapes
-    ]
+    """Every shape with its place, all colour first or all shape first; returns whether shape first."""
+    colour_first, shape_first = zip(*(_caption_mentions(caption, s) for s in shapes), strict=True)
     assert all(colour_first) != all(shape_first) and ("coloured" in caption) == all(shape_first), caption
     assert (word is None) == ("the word" not in caption) and (word is None or f"'{word}'" in caption), caption
     return all(shape_first)
@@ -312,14 +316,8 @@ def test_captions_name_objects_out_of_reading_order(world):
         if len(shapes) < 2:
             continue
         caption = record["conversations"][1]["value"]
-        named = [
-            rf"\b({s['colour']} {s['shape']}|{s['shape']} (at|on|in) the {s['position']} coloured)\b" for s in shapes
-        ]
-        starts = [re.search(pattern, caption).start() for pattern in named]
-        cells = [
-            next((r, row.index(s["position"])) for r, row in enumerate(GRID) if s["position"] in row) for s in shapes
-        ]
-        orders.append([cell for _, cell in sorted(zip(starts, cells, strict=True))])
+        starts = [next(m for m in _caption_mentions(caption, s) if m).start() for s in shapes]
+        orders.append([s["cell"] for _, s in sorted(zip(starts, shapes, strict=True), key=lambda pair: pair[0])])
     assert len(orders) >= 3 and any(order != sorted(order) for order in orders), orders
 
 
