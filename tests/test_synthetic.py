@@ -272,15 +272,18 @@ def test_heldout_images_are_unseen(world):
 
 @pytest.mark.parametrize("world_name", ["world", "typeset_world"])
 def test_regions_match_the_pixels(world_name, templates, request):
+    """Objects are the shapes; text regions are the word (first, when there is ink) and each shape's cell name."""
     world = request.getfixturevalue(world_name)
     for split in ("train", "heldout"):
         for record in _load(world / f"regions_{split}.jsonl"):
             path = world / record["image"]
-            parsed = sorted((f"{s['colour']} {s['shape']}", [int(v) for v in s["box"]]) for s in _parse_shapes(path))
+            shapes = _parse_shapes(path)
+            parsed = sorted((f"{s['colour']} {s['shape']}", [int(v) for v in s["box"]]) for s in shapes)
             assert parsed == sorted((o["label"], o["box"]) for o in record["objects"]), record["image"]
             ink = np.asarray(Image.open(path).convert("RGB")).max(-1) < 100
-            if not record["ocr"]:
-                assert not ink.any(), record["image"]
+            places = sorted((s["position"], [int(v) for v in s["box"]]) for s in shapes)
+            assert places == sorted((r["text"], r["box"]) for r in record["ocr"][int(ink.any()) :]), record["image"]
+            if not ink.any():
                 continue
             ((x0, y0, x1, y1), text) = record["ocr"][0]["box"], record["ocr"][0]["text"]
             ink_x0, ink_y0, ink_x1, ink_y1 = _bbox(ink)
