@@ -260,6 +260,14 @@ def test_records_follow_the_data_contracts(world):
     assert any(len(r["conversations"]) > 2 for r in qa)  # some multi-turn
 
 
+def test_text_records_ask_different_questions(world):
+    """Several questions per text-only record, none repeated: a repeat would let the last answer be copied."""
+    for split in ("train", "heldout"):
+        for record in (r for r in _load(world / f"qa_{split}.json") if r["question_type"] == "text"):
+            questions = [turn["value"] for turn in record["conversations"][::2]]
+            assert len(set(questions)) == len(questions) == synthetic.TEXT_ONLY_TURNS > 1, record["id"]
+
+
 def test_heldout_images_are_unseen(world):
     def digests(split: str) -> set[str]:
         return {hashlib.sha256(p.read_bytes()).hexdigest() for p in (world / "images" / split).glob("*.png")}

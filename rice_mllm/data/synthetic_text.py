@@ -137,12 +137,18 @@ def supported_question_types(scene: Scene) -> list[str]:
     return [kind for kind, make in _TURN_MAKERS.items() if make(scene, random.Random(0))]
 
 
-def text_only_turn(rng: random.Random) -> Turn:
-    """A question that needs no image: small sums and facts about the world's shapes."""
-    if rng.random() < 0.5:
-        a, b = rng.randrange(10), rng.randrange(10)
-        return f"What is {a} plus {b}?", str(a + b)
-    return rng.choice(_SHAPE_FACTS)
+def text_only_turns(rng: random.Random, count: int) -> list[Turn]:
+    """`count` different questions that need no image: small sums and facts about the world's shapes."""
+    turns: list[Turn] = []
+    while len(turns) < count:
+        if rng.random() < 0.5:
+            a, b = rng.randrange(10), rng.randrange(10)
+            turn = f"What is {a} plus {b}?", str(a + b)
+        else:
+            turn = rng.choice(_SHAPE_FACTS)
+        if turn not in turns:
+            turns.append(turn)
+    return turns
 
 
 def two_image_turn(first: Scene, second: Scene, rng: random.Random) -> Turn:
