@@ -285,11 +285,11 @@ def test_regions_match_the_pixels(world_name, templates, request):
     for split in ("train", "heldout"):
         for record in _load(world / f"regions_{split}.jsonl"):
             path = world / record["image"]
-            shapes = _parse_shapes(path)
-            parsed = sorted((f"{s['colour']} {s['shape']}", [int(v) for v in s["box"]]) for s in shapes)
+            shapes = [(s, [int(v) for v in s["box"]]) for s in _parse_shapes(path)]
+            parsed = sorted((f"{s['colour']} {s['shape']}", box) for s, box in shapes)
             assert parsed == sorted((o["label"], o["box"]) for o in record["objects"]), record["image"]
             ink = np.asarray(Image.open(path).convert("RGB")).max(-1) < 100
-            places = sorted((s["position"], [int(v) for v in s["box"]]) for s in shapes)
+            places = sorted((s["position"], box) for s, box in shapes)
             assert places == sorted((r["text"], r["box"]) for r in record["ocr"][int(ink.any()) :]), record["image"]
             if not ink.any():
                 continue
