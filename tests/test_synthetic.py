@@ -136,6 +136,11 @@ def _read_word(path: Path, templates: dict[str, Image.Image]) -> str | None:
     return max(templates, key=iou)
 
 
+def _question(value: str) -> str:
+    """A human turn without its image lines ("<image>", or "First image: <image>" in two-image records)."""
+    return value.rsplit("\n", 1)[-1]
+
+
 def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) -> str:
     """A naive reader of the world's questions, answering from the parsed pixels."""
     shapes = scenes[0] if scenes else []
@@ -145,6 +150,8 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
         return {"triangle": "3", "square": "4", "diamond": "4", "star": "5"}[m[2]]
     if question == "How many shapes are there in the two images in total?":
         return str(sum(map(len, scenes)))
+    if m := re.fullmatch(r"How many shapes are there in the (first|second) image\?", question):
+        return str(len(scenes[m[1] == "second"]))
     if m := re.fullmatch(r"Which image has the (\w+) (\w+)\? Answer first or second\.", question):
         has = [any((s["colour"], s["shape"]) == (m[1], m[2]) for s in scene) for scene in scenes]
         assert has.count(True) == 1, f"{question!r} is ambiguous over {scenes}"
@@ -221,8 +228,12 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
         turns = [(m["from"], m["value"].replace("<image>\n", "")) for r in separate for m in r["conversations"]]
         assert [(m["from"], m["value"].replace("<image>\n", "")) for m in together["conversations"]] == turns
         assert together["conversations"][0]["value"].startswith("<image>\n")
-    unmerged = [r for r in per_type if not isinstance(r.get("image"), str)]
-    assert unmerged == [r for r in merged if not isinstance(r.get("image"), str)]  # text-only, two-image
+    assert [r for r in per_type if "image" not in r] == [r for r in merged if "image" not in r]  # text-only
+    pairs = [[r for r in records if isinstance(r.get("image"), list)] for records in (per_type, merged)]
+    assert [r["image"] for r in pairs[0]] == [r["image"] for r in pairs[1]] and pairs[0]
+    for single, every in zip(*pairs, strict=True):
+        # merged: one question per record becomes all of them (which pair is asked about stays as it was)
+        assert len(single["conversations"]) == 2 and len(every["conversations"]) > 2, every["id"]
     for name in ("qa_heldout.json", "captions_train.json", "regions_train.jsonl"):  # only train QA changes
         assert (tmp_path / "per_type" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes()
 
@@ -254,6 +265,8 @@ def test_records_follow_the_data_contracts(world):
             assert roles == ["human", "gpt"] * (len(roles) // 2), record["id"]
             counts = [m["value"].count("<image>") for m in record["conversations"]]
             assert counts == [len(images)] + [0] * (len(counts) - 1), record["id"]
+            if len(images) == 2:  # each image labelled with the ordinal its questions use, in order
+                assert record["conversations"][0]["value"].startswith("First image: <image>\nSecond image: <image>\n")
         assert {r["question_type"] for r in _load(world / info["qa"])} == ALL_TYPES, split
     assert len({width / height for width, height in sizes}) > 5  # varied aspect ratios exercise anyres
     qa = _load(world / "qa_train.json")
@@ -266,6 +279,23 @@ def test_text_records_ask_different_questions(world):
         for record in (r for r in _load(world / f"qa_{split}.json") if r["question_type"] == "text"):
             questions = [turn["value"] for turn in record["conversations"][::2]]
             assert len(set(questions)) == len(questions) == synthetic.TEXT_ONLY_TURNS > 1, record["id"]
+
+
+def test_merged_pair_records_ask_about_every_object_only_one_image_holds(typeset_world):
+    """Training pairs ask "Which image has ...?" for every such object (read off the pixels), then the total, and
+    only after it each image's own count, which would otherwise give the total away."""
+    pairs = [r for r in _load(typeset_world / "qa_train.json") if r["question_type"] == "multi_image"]
+    assert pairs
+    for record in pairs:
+        labels = [
+            {(s["colour"], s["shape"]) for s in _parse_shapes(typeset_world / image)} for image in record["image"]
+        ]
+        questions = [_question(turn["value"]) for turn in record["conversations"][::2]]
+        asked = {tuple(m.groups()) for q in questions if (m := re.fullmatch(r"Which image has the (\w+) (\w+)\?.*", q))}
+        assert asked == labels[0] ^ labels[1] and len(set(questions)) == len(questions), record["id"]
+        total = questions.index("How many shapes are there in the two images in total?")
+        each = [questions.index(f"How many shapes are there in the {name} image?") for name in ("first", "second")]
+        assert total < min(each), record["id"]
 
 
 def test_heldout_images_are_unseen(world):
@@ -344,7 +374,7 @@ def test_every_answer_matches_the_pixels(world_name, templates, request):
             words = [_read_word(world / image, templates) for image in images]
             turns = record["conversations"]
             for question, answer in zip(turns[::2], turns[1::2], strict=True):
-                text = question["value"].replace("<image>\n", "")
+                text = _question(question["value"])
                 if record["question_type"] == "mixed" and question is turns[-2]:  # a merged record ends in a caption
                     shape_first.add(_check_caption(answer["value"], scenes[0], words[0]))
                 else:

@@ -27,6 +27,7 @@ _SHAPE_FACTS: tuple[Turn, ...] = (
     ("How many sides does a diamond have?", "4"),
     ("How many points does a star have?", "5"),
 )
+_ORDINALS = ("first", "second")
 _PREPOSITIONS = {"left": "on the", "right": "on the", "center": "in the"}
 
 
@@ -151,24 +152,49 @@ def text_only_turns(rng: random.Random, count: int) -> list[Turn]:
     return turns
 
 
-def two_image_turn(first: Scene, second: Scene, rng: random.Random) -> Turn:
-    """A question about a pair of scenes, shown in this order: a total count, or which one holds a given object."""
-    only_first = {obj.label for obj in first.objects} - {obj.label for obj in second.objects}
-    only_second = {obj.label for obj in second.objects} - {obj.label for obj in first.objects}
-    if rng.random() < 0.5 and (only_first or only_second):
-        answer = rng.choice(["first"] * bool(only_first) + ["second"] * bool(only_second))
-        label = rng.choice(sorted(only_first if answer == "first" else only_second))
-        return f"Which image has the {label}? Answer first or second.", answer
-    return "How many shapes are there in the two images in total?", str(len(first.objects) + len(second.objects))
+def two_image_turns(first: Scene, second: Scene, rng: random.Random, every_question: bool = False) -> list[Turn]:
+    """Questions about a pair of scenes, shown in this order: which one holds a given object, or a total count.
+
+    With `every_question` (for training), all of them: "Which image has ...?" for every object only one image holds
+    and the total, in random order, then each image's own count. The per-image counts tie each run of image tokens
+    to its ordinal; they come last because, asked first, they would give the total away, which a held-out question
+    (one of the first two kinds, alone) does not. Otherwise one question, as a held-out record asks it.
+    The total is one number, not worked out ("2 + 3 = 5"): written out, the tiny LLM miscounted the second image
+    and even added its own counts wrongly (held-out totals: 14 and 18 of 53 in two runs; as one number, 24-33 of 53
+    in four).
+    """
+    labels = [{obj.label for obj in scene.objects} for scene in (first, second)]
+    which = [
+        (f"Which image has the {label}? Answer first or second.", answer)
+        for answer, own, other in ((_ORDINALS[0], *labels), (_ORDINALS[1], *labels[::-1]))
+        for label in sorted(own - other)
+    ]
+    total = ("How many shapes are there in the two images in total?", str(len(first.objects) + len(second.objects)))
+    if not every_question:
+        return [rng.choice(which)] if which and rng.random() < 0.5 else [total]
+    asked = [*which, total]
+    rng.shuffle(asked)
+    each = [
+        (f"How many shapes are there in the {name} image?", str(len(scene.objects)))
+        for name, scene in zip(_ORDINALS, (first, second), strict=True)
+    ]
+    return asked + each
+
+
+def _image_line(number: int, num_images: int) -> str:
+    """The line of the `number`-th image: a bare `<image>` when it is the only one, else labelled with its ordinal
+    ("Second image: <image>"), so the image tokens follow the word the questions and answers call them by. Measured
+    on 100 held-out two-image questions: 69% labelled (one run) against 58-66% bare (three runs)."""
+    return f"{IMAGE_TOKEN}\n" if num_images == 1 else f"{_ORDINALS[number].capitalize()} image: {IMAGE_TOKEN}\n"
 
 
 def conversation(turns: list[Turn], num_images: int) -> list[dict[str, str]]:
-    """LLaVA `conversations` list; the first human turn starts with one `<image>` line per image."""
+    """LLaVA `conversations` list; the first human turn starts with one `<image>` line per image (at most two)."""
     if not turns:
         raise ValueError("a conversation needs at least one turn")
     messages = []
     for index, (question, answer) in enumerate(turns):
-        prefix = f"{IMAGE_TOKEN}\n" * num_images if index == 0 else ""
+        prefix = "".join(_image_line(number, num_images) for number in range(num_images)) if index == 0 else ""
         messages.append({"from": "human", "value": prefix + question})
         messages.append({"from": "gpt", "value": answer})
     return messages
