@@ -166,7 +166,7 @@ def two_image_turns(first: Scene, second: Scene, rng: random.Random, every_quest
     labels = [{obj.label for obj in scene.objects} for scene in (first, second)]
     which = [
         (f"Which image has the {label}? Answer first or second.", answer)
-        for answer, own, other in ((_ORDINALS[0], *labels), (_ORDINALS[1], *labels[::-1]))
+        for answer, own, other in zip(_ORDINALS, labels, labels[::-1], strict=True)
         for label in sorted(own - other)
     ]
     total = ("How many shapes are there in the two images in total?", str(len(first.objects) + len(second.objects)))
