@@ -32,6 +32,7 @@ CSS |= {"purple": (128, 0, 128), "orange": (255, 165, 0)}
 SHAPE_NAMES = ("circle", "square", "triangle", "star", "diamond")
 GRID = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
 ALL_TYPES = {"colour", "shape", "count", "position", "reading", "text", "multi_image"}
+READING = ("What word is written in the image?", "What does the text say?", "Read the word in the image.")
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +149,11 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
         return str(int(m[1]) + int(m[2]))
     if m := re.fullmatch(r"How many (sides|points) does a (\w+) have\?", question):
         return {"triangle": "3", "square": "4", "diamond": "4", "star": "5"}[m[2]]
-    if question == "How many shapes are there in the two images in total?":
-        return str(sum(map(len, scenes)))
-    if m := re.fullmatch(r"How many shapes are there in the (first|second) image\?", question):
-        return str(len(scenes[m[1] == "second"]))
+    if m := re.search(r"the (first|second) image", question):  # a one-image question about one of a pair
+        index = int(m[1] == "second")
+        single = question.replace(m[0], "the image")
+        single = single if single in READING else single.replace(" in the image", "")
+        return _answer(single, [scenes[index]], [words[index]])
     if m := re.fullmatch(r"Which image has the (\w+) (\w+)\? Answer first or second\.", question):
         has = [any((s["colour"], s["shape"]) == (m[1], m[2]) for s in scene) for scene in scenes]
         assert has.count(True) == 1, f"{question!r} is ambiguous over {scenes}"
@@ -175,7 +177,7 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
     if m := re.fullmatch(r"Where is the (\w+)\?", question):
         (match,) = [s for s in shapes if s["shape"] == m[1]]
         return match["position"]
-    if question in ("What word is written in the image?", "What does the text say?", "Read the word in the image."):
+    if question in READING:
         assert words[0] is not None
         return words[0]
     raise AssertionError(f"unknown question {question!r}")
@@ -282,20 +284,24 @@ def test_text_records_ask_different_questions(world):
 
 
 def test_merged_pair_records_ask_about_every_object_only_one_image_holds(typeset_world):
-    """Training pairs ask "Which image has ...?" for every such object (read off the pixels), then the total, and
-    only after it each image's own count, which would otherwise give the total away."""
+    """Training pairs ask "Which image has ...?" for every such object (read off the pixels), and only then questions
+    about one image of the pair, about both images, whose answers would otherwise give the "which" ones away."""
     pairs = [r for r in _load(typeset_world / "qa_train.json") if r["question_type"] == "multi_image"]
     assert pairs
+    about = set()
     for record in pairs:
         labels = [
             {(s["colour"], s["shape"]) for s in _parse_shapes(typeset_world / image)} for image in record["image"]
         ]
         questions = [_question(turn["value"]) for turn in record["conversations"][::2]]
-        asked = {tuple(m.groups()) for q in questions if (m := re.fullmatch(r"Which image has the (\w+) (\w+)\?.*", q))}
-        assert asked == labels[0] ^ labels[1] and len(set(questions)) == len(questions), record["id"]
-        total = questions.index("How many shapes are there in the two images in total?")
-        each = [questions.index(f"How many shapes are there in the {name} image?") for name in ("first", "second")]
-        assert total < min(each), record["id"]
+        which = [re.fullmatch(r"Which image has the (\w+) (\w+)\? Answer first or second\.", q) for q in questions]
+        assert {m.groups() for m in which if m} == labels[0] ^ labels[1], record["id"]
+        assert len(set(questions)) == len(questions), record["id"]
+        ordinals = [m[1] for q in questions if (m := re.search(r"the (first|second) image", q))]
+        assert sum(map(bool, which)) + len(ordinals) == len(questions), record["id"]
+        assert which == sorted(which, key=lambda m: m is None), record["id"]  # "which" questions first
+        about.add(frozenset(ordinals))
+    assert about == {frozenset({"first", "second"})}
 
 
 def test_heldout_images_are_unseen(world):
