@@ -48,6 +48,8 @@ WORLD = WorldConfig(
 # its questions, then its caption, which names every object's colour, shape and place where a question names one
 # (measured, at equal steps: held-out shape answers 32% without captions, 87% with). Records vary from 30 to 340
 # tokens; the stage-2 recipe batches them by length: random batches of 16 are 77% real tokens, grouped 98%.
+# Stage 2 warms up over 10% of its steps, not the recipe's 3%: on two stage-1 checkpoints, 84.7% against 81.4% (shape
+# 91.7% against 66.8%) and 86.3% against 84.3% (position 74% against 64.5%), one run each.
 # Stage 2 runs on the plain torch engine: in one CPU process ZeRO shards nothing and cost 7% more per step
 # (measured); stages 0 and 1 keep the recipes' DeepSpeed.
 PLAN: dict[str, tuple[str, dict[str, str]]] = {
@@ -83,6 +85,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "optim.epochs": "10",
             "optim.batch_size": "16",
             "optim.lr_scale": "100",
+            "optim.warmup_ratio": "0.1",
             "deepspeed": "null",
             "output_dir": "{out}/stage2_instruct",
         },
