@@ -35,14 +35,16 @@ MANIFEST = "manifest.json"
 # region naming its grid cell. 6: more text-only (three questions each) and two-image records. 7: twice the text-only
 # records, every question about a training pair, image labels in two-image records, more held-out text and pairs.
 # 8: two-image records ask one-image questions about the first or second image instead of the total over both.
-GENERATOR_VERSION = 8
+# 9: training pairs ask one type of one-image question per image, not every type.
+GENERATOR_VERSION = 9
 # Text-only and two-image records, per image of the split (at least one each). Measured on the main job: at 0.05
 # each, one question per text record, held-out sums were 0 of 6 right and "Which image has ...?" 0 of 5 (the model
 # had memorised its 150 training pairs). Text records hold three different questions; at 0.1 per image held-out sums
 # were 5 of 11 right, at 0.2 55-56 of 56 in six stage-2 runs and 46 and 56 of 56 in two full ones (eight questions
 # per record at 0.1 instead: 24 of 73, so the sums want more records, not longer ones). Each training pair asks
-# every question it supports (`two_image_turns`); 0.2 pairs instead of 0.1 cost 8% more steps for 64% of held-out
-# two-image questions against 61% (one run each, generator 8).
+# every "which" question and one type of one-image question per image (`two_image_turns`); 0.2 pairs instead of
+# 0.1 cost 8% more steps for 64% and 67% of held-out two-image questions against 61% and 63% (generator 8, one
+# stage-1 checkpoint).
 # The held-out split holds more of both: at the training fractions, the main job's 200 held-out images gave 20 of
 # each, whose accuracy was only known to +-11 points; evaluating 160 more questions takes a second.
 TEXT_ONLY_FRACTION = {"train": 0.2, "heldout": 0.5}
