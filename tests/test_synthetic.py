@@ -285,7 +285,7 @@ def test_text_records_ask_different_questions(world):
 
 def test_merged_pair_records_ask_about_every_object_only_one_image_holds(typeset_world):
     """Training pairs ask "Which image has ...?" for every such object (read off the pixels), and only then questions
-    about one image of the pair, about both images, whose answers would otherwise give the "which" ones away."""
+    about one named image, about each of the two, whose answers would otherwise give the "which" ones away."""
     pairs = [r for r in _load(typeset_world / "qa_train.json") if r["question_type"] == "multi_image"]
     assert pairs
     about = set()
