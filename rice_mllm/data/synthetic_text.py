@@ -177,10 +177,11 @@ def two_image_turns(first: Scene, second: Scene, rng: random.Random, every_quest
     does not allow. Otherwise one question, as a held-out record asks it: "which" or one-image, half and half.
     Why no total count over both images (generator 7): that is counting and then adding, which the tiny LLM did not
     learn in the main job's minutes: it estimated (held-out totals 21-35 of 53 as one number, 14 and 18 worked out as
-    "2 + 3 = 5") while counting one image's shapes at 90-99%. Why one type per image: on one stage-1
-    checkpoint, it scored 24 and 26 of 51 held-out one-image questions and 31 and 32 of 49 "which"; every type each
-    image supports, 26 of 51 and 35 of 49, for 22% more stage-2 time (the main job: 14.6 min instead of 12.7). The
-    tiny LLM often reads the other image: two-image questions are still the weakest type.
+    "2 + 3 = 5") while counting one image's shapes at 90-99%.
+    Why one type per image: on one stage-1 checkpoint, it scored 24 and 26 of 51 held-out one-image questions and 31
+    and 32 of 49 "which"; every type each image supports, 26 of 51 and 35 of 49, for 22% more stage-2 time (the main
+    job: 14.6 min instead of 12.7). The tiny LLM often reads the other image: two-image questions are still the
+    weakest type.
     """
     labels = [{obj.label for obj in scene.objects} for scene in (first, second)]
     which = [
