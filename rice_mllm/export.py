@@ -52,11 +52,18 @@ def rename_keys(state_dict: dict[str, torch.Tensor], mapping: dict[str, str]) ->
 
 
 def to_llava_next_config(config: RiceMllmConfig) -> LlavaNextConfig:
-    """The transformers config of the same architecture. Raises for a token budget (OneVision-only today)."""
+    """The transformers config of the same architecture. Raises for a token budget or base-tile multi-image samples
+    (OneVision-only today)."""
     if config.max_grid_tiles is not None:
         raise ValueError(
             f"max_grid_tiles={config.max_grid_tiles}: LLaVA-NeXT has no token budget; export a model with "
             "max_grid_tiles=None (a LLaVA-OneVision target for budgeted models is not written yet)"
+        )
+    if config.multi_image_tiling != "anyres":
+        raise ValueError(
+            f"multi_image_tiling={config.multi_image_tiling!r}: transformers' LLaVA-NeXT tiles every image of a "
+            "multi-image sample, so it would not see them as this model was trained to (a LLaVA-OneVision target, "
+            "which does the same, is not written yet)"
         )
     tiles = config.vision_config.image_size // config.vision_config.patch_size
     return LlavaNextConfig(

@@ -74,7 +74,9 @@ def export_peer(
 
 
 def to_llava_next_pixels(batch: dict[str, torch.Tensor], geometry: AnyresGeometry) -> dict[str, torch.Tensor]:
-    """The same batch in LlavaNextProcessor's layout: pixel_values [images, max tiles, 3, S, S], zero-padded."""
+    """The same batch in LlavaNextProcessor's layout: pixel_values [images, max tiles, 3, S, S], zero-padded; no
+    batch_num_images (LLaVA-NeXT tiles every image, as `geometry` must)."""
+    batch = {key: value for key, value in batch.items() if key != "batch_num_images"}
     sizes = [tuple(size) for size in batch["image_sizes"].tolist()]
     per_image = batch["pixel_values"].split([num_tiles(size, geometry) for size in sizes])
     most = max((len(tiles) for tiles in per_image), default=0)

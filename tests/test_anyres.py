@@ -20,7 +20,7 @@ from transformers.image_processing_utils import select_best_resolution as hf_sel
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
-from rice_mllm.constants import CLIP_STD
+from rice_mllm.constants import CLIP_MEAN, CLIP_STD
 from rice_mllm.mllm.anyres import (
     AnyresGeometry,
     make_grid_pinpoints,
@@ -221,9 +221,66 @@ def test_tiles_match_llava_next_image_processor(size):
 
 
 def test_image_processor_config_round_trip(tmp_path):
-    processor = RiceImageProcessor(AnyresGeometry(28, PATCH, make_grid_pinpoints(28, 4), max_grid_tiles=2))
+    geometry = AnyresGeometry(28, PATCH, make_grid_pinpoints(28, 4), max_grid_tiles=2, multi_image_tiling="base")
+    processor = RiceImageProcessor(geometry)
     processor.save_pretrained(tmp_path)
     loaded = RiceImageProcessor.from_pretrained(tmp_path)
     assert loaded.to_dict() == processor.to_dict()
     image = random_image(50, 90, seed=1)
     torch.testing.assert_close(loaded([image])["pixel_values"], processor([image])["pixel_values"])
+
+
+MULTI_IMAGE_SIZES = [[(37, 211), (300, 40)], [(56, 56), (133, 97), (20, 90)]]
+
+
+@pytest.mark.parametrize("sizes", MULTI_IMAGE_SIZES)
+def test_multi_image_base_tiles_match_llava_onevision(sizes):
+    """Under "base" tiling, the images of a multi-image sample are padded squares, one tile and N^2 + 1 tokens each,
+    as LlavaOnevisionImageProcessorPil and LlavaOnevisionProcessor make them; pixels compared exactly (PIL)."""
+    tile, pinpoints = 56, make_grid_pinpoints(56, 4)
+    images = [random_image(*size, seed=i) for i, size in enumerate(sizes)]
+    reference_images = LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile},
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    reference = reference_images([images], return_tensors="pt")  # one sample holding every image
+    geometry = AnyresGeometry(tile, PATCH, pinpoints, multi_image_tiling="base")
+    ours = RiceImageProcessor(geometry, resample="pil")(images)
+    assert ours["batch_num_images"].tolist() == list(reference["batch_num_images"]) == [len(images)]
+    assert ours["image_sizes"].tolist() == reference["image_sizes"].tolist()
+    torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"][:, 0], rtol=0, atol=1e-5)
+    assert reference["pixel_values"].shape[1] == 1  # one tile per image: nothing left uncompared
+
+    counter = object.__new__(LlavaOnevisionProcessor)  # bare: see hf_onevision_counter
+    counter.num_image_tokens, counter.vision_feature_select_strategy = (tile // PATCH) ** 2, "full"
+    counter.image_token = "<image>"
+    expected = [len(counter.replace_image_token(reference, i)) // len("<image>") for i in range(len(images))]
+    assert [num_image_tokens(size, geometry, geometry.tiles_images_of(len(sizes))) for size in sizes] == expected
+
+
+def test_base_tiling_still_tiles_an_image_alone():
+    tile, pinpoints = 56, make_grid_pinpoints(56, 4)
+    anyres = AnyresGeometry(tile, PATCH, pinpoints)
+    base = AnyresGeometry(tile, PATCH, pinpoints, multi_image_tiling="base")
+    image = random_image(37, 211, seed=0)
+    assert base.tiles_images_of(1) and not base.tiles_images_of(2) and anyres.tiles_images_of(2)
+    alone = RiceImageProcessor(base)([image])["pixel_values"]
+    assert alone.shape[0] == num_tiles((37, 211), base) == 5  # base + a 1x4 grid
+    torch.testing.assert_close(alone, RiceImageProcessor(anyres)([image])["pixel_values"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multi_image_tiling must be one of"):
+        AnyresGeometry(tile, PATCH, pinpoints, multi_image_tiling="pad")
+
+
+def test_untiled_pack_matches_llava_onevision():
+    tile, dim = 56, 6
+    pinpoints = make_grid_pinpoints(tile, 4)
+    geometry = AnyresGeometry(tile, PATCH, pinpoints, multi_image_tiling="base")
+    features, newline, size = torch.randn(1, (tile // PATCH) ** 2, dim), torch.randn(dim), (37, 211)
+    packed, _ = LlavaOnevisionModel.pack_image_features(
+        fake_llava_model(tile, pinpoints), [features], torch.tensor([size]), newline
+    )
+    ours = pack_image_features(features, size, geometry, newline, tiled=False)
+    torch.testing.assert_close(ours, packed[0], rtol=0, atol=0)
+    assert len(ours) == num_image_tokens(size, geometry, tiled=False)

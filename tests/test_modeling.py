@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 from tiny import IMAGE_TOKEN_ID, tiny_mllm_config
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
+from rice_mllm.constants import CLIP_MEAN, CLIP_STD
 from rice_mllm.data.collate import PaddingCollator
-from rice_mllm.export import export_checkpoint, import_checkpoint
+from rice_mllm.export import KIT_TO_LLAVA_NEXT, export_checkpoint, import_checkpoint, rename_keys, to_llava_next_config
 from rice_mllm.mllm.anyres import num_image_tokens, num_tiles
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.image_processing import RiceImageProcessor
@@ -185,6 +187,52 @@ def test_export_matches_transformers_llava_next_in_a_fresh_process(tmp_path, kit
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llava_next"
 
 
+def test_base_tiling_of_multi_image_samples_matches_transformers_llava_onevision():
+    """Under "base" tiling, the kit's logits for a batch of a two-image and a one-image sample equal those of
+    transformers' LlavaOnevisionForConditionalGeneration holding the same weights (OneVision keeps LLaVA-NeXT's
+    parameter names), fed by its own image processor, which cuts multi-image samples the same way."""
+    processor = build_processor(TINY_TOKENIZER, tile_size=28, multi_image_tiling="base")
+    processor.image_processor = RiceImageProcessor(processor.image_processor.geometry, resample="pil")
+    config = tiny_mllm_config(image_token_id=processor.image_token_id, multi_image_tiling="base")
+    config.text_config.vocab_size = len(processor.tokenizer)
+    model = RiceMllmForConditionalGeneration(config).eval()
+    images = [_images(sizes, seed) for seed, (_, sizes) in enumerate(CONVERSATIONS)]
+    samples = [
+        processor(m, imgs, add_generation_prompt=True) for (m, _), imgs in zip(CONVERSATIONS, images, strict=True)
+    ]
+    batch = PaddingCollator(processor.pad_token_id)(samples)
+    batch.pop("labels")
+    assert batch["batch_num_images"].tolist() == [2, 1]
+    assert batch["pixel_values"].shape[0] == 2 + num_tiles((50, 50), model.geometry)
+
+    reference = LlavaOnevisionForConditionalGeneration(
+        LlavaOnevisionConfig(
+            vision_config=config.vision_config.to_dict(),
+            text_config=config.text_config.to_dict(),
+            image_token_index=config.image_token_id,
+            projector_hidden_act=config.projector_hidden_act,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=config.vision_feature_layer,
+            image_grid_pinpoints=config.image_grid_pinpoints,
+            tie_word_embeddings=config.text_config.tie_word_embeddings,
+        )
+    ).eval()
+    reference.load_state_dict(rename_keys(model.state_dict(), KIT_TO_LLAVA_NEXT))
+    reference_images = LlavaOnevisionImageProcessorPil(
+        size={"height": 28, "width": 28},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )(images, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **reference_images
+        ).logits
+        logits = model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    assert (logits - expected)[mask].abs().max() <= 1e-4
+
+
 def test_import_back_from_transformers_is_exact(tmp_path, kit_checkpoint):
     model, processor, kit_dir = kit_checkpoint
     export_checkpoint(kit_dir, tmp_path / "hf")
@@ -195,6 +243,12 @@ def test_import_back_from_transformers_is_exact(tmp_path, kit_checkpoint):
     ) == processor.num_image_tokens((70, 40))
     for (name, original), (_, reloaded) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
         assert torch.equal(original, reloaded), name
+
+
+@pytest.mark.parametrize("setting", [{"max_grid_tiles": 2}, {"multi_image_tiling": "base"}])
+def test_export_refuses_what_llava_next_does_not_reproduce(setting):
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        to_llava_next_config(tiny_mllm_config(**setting))
 
 
 def test_gradient_checkpointing_gives_equal_loss_and_gradients():

@@ -30,11 +30,11 @@ class PaddingCollator:
 
         Args:
             samples: dicts with input_ids, labels, attention_mask [T_i]; pixel_values [tiles_i, 3, S, S];
-                image_sizes [images_i, 2].
+                image_sizes [images_i, 2]; batch_num_images [1].
 
         Returns:
             input_ids, labels, attention_mask [B, T]; pixel_values [sum tiles_i, 3, S, S]; image_sizes
-            [sum images_i, 2]. A batch without images has 0 tiles and 0 sizes.
+            [sum images_i, 2]; batch_num_images [B]. A batch without images has 0 tiles and 0 sizes.
         """
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
@@ -51,4 +51,5 @@ class PaddingCollator:
                 batch[key][row, : len(sample[key])] = sample[key]
         batch["pixel_values"] = torch.cat([sample["pixel_values"] for sample in samples], dim=0)
         batch["image_sizes"] = torch.cat([sample["image_sizes"] for sample in samples], dim=0)
+        batch["batch_num_images"] = torch.cat([sample["batch_num_images"] for sample in samples], dim=0)
         return batch

@@ -78,12 +78,14 @@ class PackingCollator:
         """Pack.
 
         Args:
-            samples: dicts with input_ids, labels [T_i]; pixel_values [tiles_i, 3, S, S]; image_sizes [images_i, 2].
+            samples: dicts with input_ids, labels [T_i]; pixel_values [tiles_i, 3, S, S]; image_sizes [images_i, 2];
+                batch_num_images [1].
 
         Returns:
             input_ids, labels, position_ids [R, W] (R rows, W = longest row, rounded up); pixel_values
-            [sum tiles_i, 3, S, S] and image_sizes [sum images_i, 2] in row order, which is the order the model
-            meets the `<image>` runs. No attention_mask: packing is read from the position ids.
+            [sum tiles_i, 3, S, S], image_sizes [sum images_i, 2] and batch_num_images [B] (per sample, not per
+            row) in row order, which is the order the model meets the `<image>` runs. No attention_mask: packing
+            is read from the position ids.
         """
         if not samples:
             raise ValueError("cannot pack an empty list of samples")
@@ -112,6 +114,7 @@ class PackingCollator:
         order = [index for row in rows for index in row]
         batch["pixel_values"] = torch.cat([samples[i]["pixel_values"] for i in order], dim=0)
         batch["image_sizes"] = torch.cat([samples[i]["image_sizes"] for i in order], dim=0)
+        batch["batch_num_images"] = torch.cat([samples[i]["batch_num_images"] for i in order], dim=0)
         return batch
 
 

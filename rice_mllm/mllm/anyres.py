@@ -1,4 +1,5 @@
-"""LLaVA-NeXT anyres geometry: grid choice, tiles, unpadded feature grid, image_newline, OneVision token budget.
+"""LLaVA-NeXT anyres geometry: grid choice, tiles, unpadded feature grid, image_newline, OneVision token budget,
+and which images of a multi-image sample are tiled at all.
 
 Follows transformers' conventions (sizes are (height, width), its unpad rounding, OneVision's `anyres_max_K`).
 Invariant: `num_image_tokens` is the only token count; `pack_image_features` returns exactly that many rows.
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 Size = tuple[int, int]  # (height, width)
+MULTI_IMAGE_TILINGS = ("anyres", "base")
 
 
 def _as_size(image_size) -> Size:
@@ -32,12 +34,18 @@ class AnyresGeometry:
         image_grid_pinpoints: candidate canvas sizes (height, width), multiples of `tile_size`.
         max_grid_tiles: OneVision's K in `anyres_max_K`: the unpadded grid is bilinearly shrunk when its
             area exceeds K * N^2 by more than 1.1^2. None keeps plain LLaVA-NeXT.
+        multi_image_tiling: how the images of a sample with several images are cut. "anyres": each is tiled as
+            if it were alone (transformers' LLaVA-NeXT classes). "base": each is padded to a square of the mean
+            colour and gives its base tile only, plus one image_newline (N^2 + 1 tokens), as LLaVA-NeXT's training
+            code ("pad" for multi-image samples) and LLaVA-OneVision (transformers' `batch_num_images`) do: half
+            the tokens or fewer per image, where the question is about comparing images rather than detail.
     """
 
     tile_size: int
     patch_size: int
     image_grid_pinpoints: tuple[Size, ...] = field(default=())
     max_grid_tiles: int | None = None
+    multi_image_tiling: str = "anyres"
 
     def __post_init__(self) -> None:
         if self.tile_size <= 0 or self.patch_size <= 0 or self.tile_size % self.patch_size:
@@ -50,6 +58,10 @@ class AnyresGeometry:
             raise ValueError(f"pinpoints {bad} are not positive multiples of tile_size {self.tile_size}")
         if self.max_grid_tiles is not None and self.max_grid_tiles < 1:
             raise ValueError(f"max_grid_tiles must be >= 1 or None, got {self.max_grid_tiles}")
+        if self.multi_image_tiling not in MULTI_IMAGE_TILINGS:
+            raise ValueError(
+                f"multi_image_tiling must be one of {MULTI_IMAGE_TILINGS}, got {self.multi_image_tiling!r}"
+            )
         # Frozen dataclass: normalise lists from JSON into hashable tuples.
         object.__setattr__(self, "image_grid_pinpoints", pinpoints)
 
@@ -58,17 +70,28 @@ class AnyresGeometry:
         """N: features per tile side."""
         return self.tile_size // self.patch_size
 
+    def tiles_images_of(self, num_images: int) -> bool:
+        """Whether the images of a sample holding `num_images` images are tiled (True) or give their base tile only."""
+        return num_images == 1 or self.multi_image_tiling == "anyres"
+
     def to_dict(self) -> dict:
         return {
             "tile_size": self.tile_size,
             "patch_size": self.patch_size,
             "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
             "max_grid_tiles": self.max_grid_tiles,
+            "multi_image_tiling": self.multi_image_tiling,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> AnyresGeometry:
-        unknown = set(data) - {"tile_size", "patch_size", "image_grid_pinpoints", "max_grid_tiles"}
+        unknown = set(data) - {
+            "tile_size",
+            "patch_size",
+            "image_grid_pinpoints",
+            "max_grid_tiles",
+            "multi_image_tiling",
+        }
         if unknown:
             raise KeyError(f"unknown anyres geometry keys {sorted(unknown)}")
         return cls(**data)
@@ -117,8 +140,10 @@ def grid_shape(image_size: Size, geometry: AnyresGeometry) -> Size:
     return canvas_h // geometry.tile_size, canvas_w // geometry.tile_size
 
 
-def num_tiles(image_size: Size, geometry: AnyresGeometry) -> int:
-    """Tiles the image processor emits for one image: the base tile plus rows * cols grid tiles."""
+def num_tiles(image_size: Size, geometry: AnyresGeometry, tiled: bool = True) -> int:
+    """Tiles the image processor emits for one image: the base tile plus rows * cols grid tiles (when `tiled`)."""
+    if not tiled:
+        return 1
     rows, cols = grid_shape(image_size, geometry)
     return 1 + rows * cols
 
@@ -198,41 +223,54 @@ def feature_layout(image_size: Size, geometry: AnyresGeometry) -> FeatureLayout:
     return FeatureLayout(rows, cols, crop, final)
 
 
-def num_image_tokens(image_size: Size, geometry: AnyresGeometry) -> int:
-    """Number of `<image>` tokens one image takes: N^2 (base tile, CLS dropped) + Hf * (Wf + 1).
+def num_image_tokens(image_size: Size, geometry: AnyresGeometry, tiled: bool = True) -> int:
+    """Number of `<image>` tokens one image takes: N^2 (base tile, CLS dropped) + Hf * (Wf + 1), or N^2 + 1 (one
+    image_newline) when not `tiled`.
 
     Args:
         image_size: (height, width) of the original image in pixels.
         geometry: tiling and budget settings.
+        tiled: False for an image that gives its base tile only (see `AnyresGeometry.tiles_images_of`).
     """
+    if not tiled:
+        return geometry.tile_features**2 + 1
     return geometry.tile_features**2 + feature_layout(image_size, geometry).num_grid_tokens
 
 
 def pack_image_features(
-    tile_features: torch.Tensor, image_size: Size, geometry: AnyresGeometry, image_newline: torch.Tensor
+    tile_features: torch.Tensor,
+    image_size: Size,
+    geometry: AnyresGeometry,
+    image_newline: torch.Tensor,
+    tiled: bool = True,
 ) -> torch.Tensor:
     """Arrange one image's tile features into its token sequence.
 
     Args:
-        tile_features: [1 + T, N*N, D] features of the base tile then the grid tiles (row-major), CLS dropped.
+        tile_features: [1 + T, N*N, D] features of the base tile then the grid tiles (row-major), CLS dropped;
+            [1, N*N, D] when not `tiled`.
         image_size: (height, width) of the original image.
         geometry: tiling and budget settings.
         image_newline: [D] learned vector appended after each row of the grid.
+        tiled: False for an image that gives its base tile only.
 
     Returns:
-        [num_image_tokens(image_size, geometry), D]: base features, then the unpadded (budgeted) grid
-        row by row, each row followed by image_newline.
+        [num_image_tokens(image_size, geometry, tiled), D]: base features, then the unpadded (budgeted) grid
+        row by row, each row followed by image_newline; untiled, the base features and one image_newline.
     """
     layout = feature_layout(image_size, geometry)
     n = geometry.tile_features
-    expected = (1 + layout.rows * layout.cols, n * n)
+    expected = (1 + layout.rows * layout.cols if tiled else 1, n * n)
     if tuple(tile_features.shape[:2]) != expected:
+        tiles = f"{layout.rows}x{layout.cols} grid + base tile" if tiled else "base tile only"
         raise ValueError(
             f"image {_as_size(image_size)}: expected tile features of shape [{expected[0]}, {expected[1]}, D] "
-            f"({layout.rows}x{layout.cols} grid + base tile, {n}x{n} features each), got {list(tile_features.shape)}"
+            f"({tiles}, {n}x{n} features each), got {list(tile_features.shape)}"
         )
     dim = tile_features.shape[-1]
     base = tile_features[0]  # [N*N, D]
+    if not tiled:
+        return torch.cat([base, image_newline.to(base.dtype)[None]], dim=0)
     grid = tile_features[1:].reshape(layout.rows, layout.cols, n, n, dim)
     grid = grid.permute(0, 2, 1, 3, 4).reshape(layout.rows * n, layout.cols * n, dim)  # [rows*N, cols*N, D]
     top, bottom, left, right = layout.crop

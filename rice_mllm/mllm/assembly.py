@@ -29,6 +29,7 @@ def build_processor(
     max_tiles: int = 4,
     max_grid_tiles: int | None = None,
     max_length: int | None = None,
+    multi_image_tiling: str = "anyres",
 ) -> RiceMllmProcessor:
     """A processor over `tokenizer` (directory or hub id; `<image>` added if missing) with anyres geometry.
 
@@ -37,10 +38,12 @@ def build_processor(
         max_tiles: largest grid, in tiles, among the pinpoints (4 = LLaVA-NeXT's "2x2+1").
         max_grid_tiles: optional token budget (OneVision `anyres_max_K`).
         max_length: samples longer than this are refused, never truncated.
+        multi_image_tiling: "anyres" or "base" (images of multi-image samples give their base tile only).
     """
     loaded = AutoTokenizer.from_pretrained(str(tokenizer))
     add_image_token(loaded)
-    geometry = AnyresGeometry(tile_size, patch_size, make_grid_pinpoints(tile_size, max_tiles), max_grid_tiles)
+    pinpoints = make_grid_pinpoints(tile_size, max_tiles)
+    geometry = AnyresGeometry(tile_size, patch_size, pinpoints, max_grid_tiles, multi_image_tiling)
     return RiceMllmProcessor(loaded, RiceImageProcessor(geometry), max_length=max_length)
 
 
@@ -82,6 +85,7 @@ def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceM
         image_token_id=processor.image_token_id,
         image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints],
         max_grid_tiles=geometry.max_grid_tiles,
+        multi_image_tiling=geometry.multi_image_tiling,
     )
     model = RiceMllmForConditionalGeneration(config)
     if encoder is not None:

@@ -23,6 +23,8 @@ class RiceMllmConfig(PreTrainedConfig):
         max_grid_tiles: token budget. None keeps every grid feature (LLaVA-NeXT); K downsamples the unpadded grid
             bilinearly to about K tiles' worth of tokens (LLaVA-OneVision's `anyres_max_K`), which transformers'
             OneVision classes reproduce exactly, unlike a 2x2 token merge.
+        multi_image_tiling: "anyres" tiles every image of a multi-image sample (LLaVA-NeXT in transformers);
+            "base" gives each its base tile only (LLaVA-NeXT's training code, LLaVA-OneVision): see AnyresGeometry.
     """
 
     model_type = "rice_mllm"
@@ -38,6 +40,7 @@ class RiceMllmConfig(PreTrainedConfig):
     vision_feature_layer: int = -2
     projector_hidden_act: str = "gelu"
     max_grid_tiles: int | None = None
+    multi_image_tiling: str = "anyres"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

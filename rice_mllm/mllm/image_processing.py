@@ -1,7 +1,8 @@
 """Anyres image processor: PIL image -> base tile + grid tiles, CLIP-normalised, with (height, width) sizes.
 
 Geometry of transformers' LlavaNextImageProcessor (centred black padding, squashed base tile); one resize
-per image, vectorised tiling and normalisation. Tiles per image = anyres.num_tiles.
+per image, vectorised tiling and normalisation. Tiles per image = anyres.num_tiles. Images that share a sample
+under `multi_image_tiling="base"` give one tile, padded to a square as LlavaOnevisionImageProcessor pads them.
 """
 
 from __future__ import annotations
@@ -78,26 +79,46 @@ class RiceImageProcessor:
         grid = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
         return torch.cat([base[None], grid], dim=0)
 
+    def padded_tile_uint8(self, image: Image.Image) -> torch.Tensor:
+        """The one tile of an image that is not tiled: centred on a square of the mean colour, resized to S x S.
+
+        Returns:
+            [1, 3, S, S] uint8. The colour is truncated to integers, as transformers truncates it.
+        """
+        image = image.convert("RGB")
+        side = max(image.height, image.width)
+        square = Image.new("RGB", (side, side), tuple(int(255 * mean) for mean in self.image_mean))
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        tile = self.geometry.tile_size
+        if self.resample == "pil":
+            return _chw(square.resize((tile, tile), Image.BICUBIC))[None]
+        return F.interpolate(_chw(square)[None], size=(tile, tile), mode="bicubic", antialias=True)
+
     def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
         """[T, 3, S, S] uint8 -> [T, 3, S, S] float32, CLIP-normalised."""
         return tiles.to(torch.float32).mul_(self._scale).add_(self._shift)
 
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """Process several images.
+        """Process the images of one sample.
 
         Returns:
             pixel_values: [total_tiles, 3, S, S] float32, each image's tiles in order.
             image_sizes: [num_images, 2] long, original (height, width).
+            batch_num_images: [1] long, the number of images (transformers' name): with the sizes, it tells the
+                model how each image was cut, once samples are batched.
         """
         tile = self.geometry.tile_size
+        count = torch.tensor([len(images)], dtype=torch.long)
         if not images:
             return {
                 "pixel_values": torch.zeros(0, 3, tile, tile),
                 "image_sizes": torch.zeros(0, 2, dtype=torch.long),
+                "batch_num_images": count,
             }
-        tiles = torch.cat([self.tiles_uint8(image) for image in images], dim=0)
+        cut = self.tiles_uint8 if self.geometry.tiles_images_of(len(images)) else self.padded_tile_uint8
+        tiles = torch.cat([cut(image) for image in images], dim=0)
         sizes = torch.tensor([(image.height, image.width) for image in images], dtype=torch.long)
-        return {"pixel_values": self.normalize(tiles), "image_sizes": sizes}
+        return {"pixel_values": self.normalize(tiles), "image_sizes": sizes, "batch_num_images": count}
 
     def to_dict(self) -> dict:
         return {

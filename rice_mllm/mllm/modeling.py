@@ -2,6 +2,8 @@
 
 Invariant: the number of image features an image produces is `anyres.num_image_tokens`, the same function the
 processor uses to expand `<image>`; any disagreement raises `ImageTokenMismatchError` before the LLM runs.
+`batch_num_images` (images per sample, transformers' LLaVA-OneVision name) says which images were tiled; without it
+every image is (LLaVA-NeXT).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
             patch_size=vision.patch_size,
             image_grid_pinpoints=self.config.image_grid_pinpoints,
             max_grid_tiles=self.config.max_grid_tiles,
+            multi_image_tiling=self.config.multi_image_tiling,
         )
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -106,19 +109,26 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         output = self.vision_tower(pixel_values, num_layers=self._num_vision_layers_used())
         return output.last_hidden_state[:, 1:]
 
-    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        batch_num_images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Encode, project and pack every image of a batch.
 
         Args:
             pixel_values: [total_tiles, 3, S, S], per image the base tile then its grid tiles.
             image_sizes: [num_images, 2] original (height, width).
+            batch_num_images: [samples] images per sample, in order; None: every image was tiled.
 
         Returns:
             [sum of num_image_tokens over images, D_llm], images in order.
         """
         geometry = self.geometry
         sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
-        tiles_per_image = [num_tiles(size, geometry) for size in sizes]
+        tiled = self._tiled_images(batch_num_images, len(sizes))
+        tiles_per_image = [num_tiles(size, geometry, t) for size, t in zip(sizes, tiled, strict=True)]
         if sum(tiles_per_image) != pixel_values.shape[0]:
             raise ImageTokenMismatchError(
                 f"image sizes {sizes} need {sum(tiles_per_image)} tiles ({tiles_per_image}), "
@@ -128,16 +138,28 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         per_image = features.split(tiles_per_image)
         return torch.cat(
             [
-                pack_image_features(tiles, size, geometry, self.image_newline)
-                for tiles, size in zip(per_image, sizes, strict=True)
+                pack_image_features(tiles, size, geometry, self.image_newline, t)
+                for tiles, size, t in zip(per_image, sizes, tiled, strict=True)
             ]
         )
+
+    def _tiled_images(self, batch_num_images: torch.Tensor | None, num_images: int) -> list[bool]:
+        """Per image of the batch: tiled, or its base tile only (a multi-image sample under "base" tiling)."""
+        if batch_num_images is None:
+            return [True] * num_images
+        counts = [int(n) for n in batch_num_images.tolist()]
+        if sum(counts) != num_images:
+            raise ImageTokenMismatchError(
+                f"batch_num_images {counts} sums to {sum(counts)}, image_sizes has {num_images}"
+            )
+        return [self.geometry.tiles_images_of(n) for n in counts for _ in range(n)]
 
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features written over the `<image>` positions. [B, T] -> [B, T, D_llm]."""
         embeds = self.get_input_embeddings()(input_ids)
@@ -154,7 +176,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
                 touched = self.projector(self._vision_features(embeds.new_zeros(1, 3, side, side))).sum()
                 embeds = embeds + 0.0 * (touched + self.image_newline.sum())
             return embeds
-        features = self.image_features(pixel_values, image_sizes)
+        features = self.image_features(pixel_values, image_sizes, batch_num_images)
         if features.shape[0] != num_image_tokens:
             raise ImageTokenMismatchError(
                 f"the batch has {num_image_tokens} <image> tokens but its {len(image_sizes)} images give "
@@ -169,6 +191,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
@@ -186,7 +209,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
                 )
             kwargs["use_cache"] = False
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, batch_num_images)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -202,10 +225,11 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Generate a continuation of a (left-padded) batch. Returns only the new token ids, [B, new_tokens]."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, batch_num_images)
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )

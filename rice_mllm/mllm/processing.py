@@ -1,6 +1,6 @@
 """RiceMllmProcessor: chat messages + images -> input_ids, labels, attention_mask, pixel tiles, image sizes.
 
-Each `<image>` placeholder becomes anyres.num_image_tokens(size) copies of the image token (labelled -100).
+Each `<image>` placeholder becomes anyres.num_image_tokens(size, tiled) copies of the image token (labelled -100).
 Invariants: placeholders == images, and a sample is never truncated: too long raises SampleTooLongError.
 """
 
@@ -76,9 +76,10 @@ class RiceMllmProcessor:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
-    def num_image_tokens(self, image_size: Size) -> int:
-        """Image tokens for an image of (height, width), from the one count in anyres."""
-        return num_image_tokens(image_size, self.image_processor.geometry)
+    def num_image_tokens(self, image_size: Size, num_images: int = 1) -> int:
+        """Image tokens for an image of (height, width) in a sample of `num_images`, from the one count in anyres."""
+        geometry = self.image_processor.geometry
+        return num_image_tokens(image_size, geometry, geometry.tiles_images_of(num_images))
 
     def encode(
         self,
@@ -110,7 +111,7 @@ class RiceMllmProcessor:
         for position, size in zip(positions, image_sizes, strict=True):
             input_ids += rendered.input_ids[start:position]
             labels += rendered.labels[start:position]
-            count = self.num_image_tokens(tuple(size))
+            count = self.num_image_tokens(tuple(size), len(image_sizes))
             input_ids += [self.image_token_id] * count
             labels += [IGNORE_INDEX] * count
             start = position + 1
@@ -146,7 +147,8 @@ class RiceMllmProcessor:
 
         Returns:
             input_ids, labels, attention_mask: [T] long; pixel_values: [tiles, 3, S, S] float32 (tiles = sum of
-            anyres.num_tiles over the images, 0 for text-only); image_sizes: [num_images, 2] long (height, width).
+            anyres.num_tiles over the images, 0 for text-only); image_sizes: [num_images, 2] long (height, width);
+            batch_num_images: [1] long.
         """
         sizes = [(image.height, image.width) for image in images]
         sample = self.encode(messages, sizes, add_generation_prompt)

@@ -90,6 +90,7 @@ def build_processor(config: TrainConfig) -> RiceMllmProcessor:
         m.max_tiles,
         m.max_grid_tiles,
         config.data.max_length,
+        m.multi_image_tiling,
     )
 
 

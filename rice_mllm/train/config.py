@@ -24,6 +24,7 @@ class ModelConfig:
     init_from: str | None = None  # kit checkpoint (model, checkpoint or run dir); then vision/llm/tokenizer unused
     max_tiles: int = 4  # largest anyres grid in tiles (LLaVA-NeXT's "2x2+1")
     max_grid_tiles: int | None = None  # token budget: OneVision's anyres_max_K
+    multi_image_tiling: str = "anyres"  # "base": images of multi-image samples give their base tile only
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
 
