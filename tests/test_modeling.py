@@ -94,6 +94,8 @@ def test_placeholder_and_image_mismatches_raise_named_errors():
         model(**dict(one_image_fewer, pixel_values=batch["pixel_values"][:tiles_first]))
     with pytest.raises(ImageTokenMismatchError, match="no images"):
         model(input_ids=batch["input_ids"])
+    with pytest.raises(ImageTokenMismatchError, match=r"batch_num_images \[1, 2\] sums to 3, image_sizes has 2"):
+        model(**dict(batch, batch_num_images=torch.tensor([1, 2])))
 
 
 def _logits_in_fresh_process(script: str, tmp_path, **tensors) -> dict:

@@ -155,6 +155,9 @@ def build_split(
         )
     if two_image_fraction is None:
         two_image_fraction = TWO_IMAGE_FRACTION[split]
+    # The images of a pair come from the stream that also phrases its questions, so `merge_qa` (which phrases more)
+    # changes every pair after the first. Left as it is: drawing them from their own stream changes the tokenizer's
+    # corpus, hence its ids and the encoder stage 0 trains.
     for index in range(math.ceil(two_image_fraction * num_images) if num_images >= 2 else 0):
         first, second = rng.sample(range(num_images), 2)
         turns = two_image_turns(records.scenes[first], records.scenes[second], rng, every_question=merge_qa)

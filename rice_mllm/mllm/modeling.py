@@ -152,7 +152,8 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
             raise ImageTokenMismatchError(
                 f"batch_num_images {counts} sums to {sum(counts)}, image_sizes has {num_images}"
             )
-        return [self.geometry.tiles_images_of(n) for n in counts for _ in range(n)]
+        geometry = self.geometry
+        return [geometry.tiles_images_of(n) for n in counts for _ in range(n)]
 
     def embed_inputs(
         self,
