@@ -8,6 +8,7 @@ here, so they share no code with the generator beyond the file format and the li
 import hashlib
 import importlib.util
 import json
+import random
 import re
 from collections import deque
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from rice_mllm.data import synthetic
 from rice_mllm.data.synthetic_scene import WORDS, WorldConfig
-from rice_mllm.data.synthetic_text import question_turns
+from rice_mllm.data.synthetic_text import question_turns, text_only_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "rice_mllm" / "presets" / "tokenizers" / "tiny"
@@ -426,6 +427,10 @@ def test_bad_arguments_fail_loudly():
         question_turns(None, "color", None)
     with pytest.raises(SystemExit):
         synthetic.main([])  # --out is required
+    # 10 x 10 sums of two digits and 4 facts about shapes: 104 different questions, and asking for more says so
+    assert len(set(text_only_turns(random.Random(0), 104))) == 104
+    with pytest.raises(ValueError, match="only 104 exist"):
+        text_only_turns(random.Random(0), 105)
 
 
 @pytest.fixture(scope="module")

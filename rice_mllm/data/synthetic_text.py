@@ -140,6 +140,9 @@ def supported_question_types(scene: Scene) -> list[str]:
 
 def text_only_turns(rng: random.Random, count: int) -> list[Turn]:
     """`count` different questions that need no image: small sums and facts about the world's shapes."""
+    available = 10 * 10 + len(_SHAPE_FACTS)  # every sum of two digits, and the facts
+    if count > available:
+        raise ValueError(f"asked for {count} different text-only questions; only {available} exist")
     turns: list[Turn] = []
     while len(turns) < count:
         if rng.random() < 0.5:
