@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import json
+import re
 
 import datasets
 import pytest
@@ -231,6 +232,30 @@ def test_data_check_passes_clean_data_and_flags_unsupervised(tmp_path, capsys, p
     assert "unsupervised.jsonl record 0: no supervised token" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"\['--tile-size'\] conflict with --processor"):
         main(["check", str(tmp_path / "clean.jsonl"), "--processor", str(tmp_path / "proc"), "--tile-size", "56"])
+
+
+def test_data_check_counts_multi_image_samples_as_the_flag_cuts_them(tmp_path, capsys):
+    """A two-image record of 100x20 images, tiled (anyres) or base tile + image_newline each (base: 2 x (2*2 + 1))."""
+    save_png(tmp_path / "a.png", size=(100, 20))
+    record = {
+        "image": ["a.png", "a.png"],
+        "conversations": [turn("human", "<image>\n<image>\nSame?"), turn("gpt", "yes")],
+    }
+    write_jsonl(tmp_path / "pair.jsonl", [record])
+    conversation = load_conversations(tmp_path / "pair.jsonl")[0]
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_DIR)
+    add_image_token(tokenizer)
+    image_tokens = {}
+    for tiling in ("anyres", "base"):
+        flags = [str(tmp_path / "pair.jsonl"), "--tokenizer", QWEN_DIR, *GEOMETRY_FLAGS, "--multi-image-tiling", tiling]
+        assert main(["check", *flags]) == 0
+        checked = int(re.search(r"min (\d+),", capsys.readouterr().out).group(1))
+        geometry = AnyresGeometry(28, 14, make_grid_pinpoints(28, 4), multi_image_tiling=tiling)
+        processor = RiceMllmProcessor(tokenizer, RiceImageProcessor(geometry))
+        ids = processor(conversation.messages, open_images(conversation))["input_ids"]
+        assert checked == len(ids), tiling
+        image_tokens[tiling] = int((torch.as_tensor(ids) == tokenizer.convert_tokens_to_ids("<image>")).sum())
+    assert image_tokens["base"] == 2 * (2 * 2 + 1) < image_tokens["anyres"]
 
 
 def test_data_check_reads_saved_hf_datasets(tmp_path, capsys, processor):

@@ -181,12 +181,17 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tiles", type=int, help=f"grids of at most this many tiles; default {GEOMETRY_DEFAULTS['max_tiles']}"
     )
     parser.add_argument("--max-grid-tiles", type=int, help="OneVision anyres_max_K token budget (default: none)")
+    parser.add_argument(
+        "--multi-image-tiling",
+        choices=("anyres", "base"),
+        help="without --processor: how images of multi-image samples are cut (default anyres; base = base tile only)",
+    )
     parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (overrides the processor's)")
 
 
 def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
     """A saved processor (--processor), or one made from --tokenizer and the geometry flags."""
-    geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles")}
+    geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles", "multi_image_tiling")}
     if args.processor:
         given = sorted(f"--{key.replace('_', '-')}" for key, value in geometry_flags.items() if value is not None)
         given += ["--tokenizer"] if args.tokenizer not in (None, DEFAULT_TOKENIZER) else []
@@ -202,7 +207,8 @@ def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
     add_image_token(tokenizer)
     flags = {key: GEOMETRY_DEFAULTS.get(key) if value is None else value for key, value in geometry_flags.items()}
     pinpoints = make_grid_pinpoints(flags["tile_size"], flags["max_tiles"])
-    geometry = AnyresGeometry(flags["tile_size"], flags["patch_size"], pinpoints, flags["max_grid_tiles"])
+    tiling = flags["multi_image_tiling"] or "anyres"
+    geometry = AnyresGeometry(flags["tile_size"], flags["patch_size"], pinpoints, flags["max_grid_tiles"], tiling)
     return RiceMllmProcessor(tokenizer, RiceImageProcessor(geometry), max_length=args.max_length)
 
 
