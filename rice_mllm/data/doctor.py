@@ -39,7 +39,7 @@ from rice_mllm.mllm.processing import (
 
 # Tokenizer used when neither --processor nor --tokenizer is given (None: one of them is required).
 DEFAULT_TOKENIZER: str | None = None
-GEOMETRY_DEFAULTS = {"tile_size": 336, "patch_size": 14, "max_tiles": 4}
+GEOMETRY_DEFAULTS = {"tile_size": 336, "patch_size": 14, "max_tiles": 4, "multi_image_tiling": "anyres"}
 
 
 @dataclass(frozen=True)
@@ -184,14 +184,15 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--multi-image-tiling",
         choices=("anyres", "base"),
-        help="without --processor: how images of multi-image samples are cut (default anyres; base = base tile only)",
+        help=f"without --processor: how multi-image samples' images are cut (base: base tile only); default "
+        f"{GEOMETRY_DEFAULTS['multi_image_tiling']}",
     )
     parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (overrides the processor's)")
 
 
 def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
     """A saved processor (--processor), or one made from --tokenizer and the geometry flags."""
-    geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles", "multi_image_tiling")}
+    geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles")}
     if args.processor:
         given = sorted(f"--{key.replace('_', '-')}" for key, value in geometry_flags.items() if value is not None)
         given += ["--tokenizer"] if args.tokenizer not in (None, DEFAULT_TOKENIZER) else []
@@ -207,8 +208,9 @@ def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
     add_image_token(tokenizer)
     flags = {key: GEOMETRY_DEFAULTS.get(key) if value is None else value for key, value in geometry_flags.items()}
     pinpoints = make_grid_pinpoints(flags["tile_size"], flags["max_tiles"])
-    tiling = flags["multi_image_tiling"] or "anyres"
-    geometry = AnyresGeometry(flags["tile_size"], flags["patch_size"], pinpoints, flags["max_grid_tiles"], tiling)
+    geometry = AnyresGeometry(
+        flags["tile_size"], flags["patch_size"], pinpoints, flags["max_grid_tiles"], flags["multi_image_tiling"]
+    )
     return RiceMllmProcessor(tokenizer, RiceImageProcessor(geometry), max_length=args.max_length)
 
 
