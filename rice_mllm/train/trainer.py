@@ -166,7 +166,7 @@ def train(config: TrainConfig, builders: Builders | None = None) -> str | None:
         )
     if config.model.gradient_checkpointing:
         # non-reentrant: the reentrant variant drops gradients when the checkpointed inputs are frozen (LoRA, stage 1)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora_base = None
     if stage.lora is not None:
         # a concrete model dir, not a run dir whose "last checkpoint" may change later
