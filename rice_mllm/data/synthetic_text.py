@@ -27,6 +27,7 @@ _SHAPE_FACTS: tuple[Turn, ...] = (
     ("How many sides does a diamond have?", "4"),
     ("How many points does a star have?", "5"),
 )
+_SUM_TERMS = 10  # text-only sums add two numbers below this
 _ORDINALS = ("first", "second")
 _PREPOSITIONS = {"left": "on the", "right": "on the", "center": "in the"}
 
@@ -140,13 +141,13 @@ def supported_question_types(scene: Scene) -> list[str]:
 
 def text_only_turns(rng: random.Random, count: int) -> list[Turn]:
     """`count` different questions that need no image: small sums and facts about the world's shapes."""
-    available = 10 * 10 + len(_SHAPE_FACTS)  # every sum of two digits, and the facts
+    available = _SUM_TERMS**2 + len(_SHAPE_FACTS)  # every sum, and the facts
     if count > available:
         raise ValueError(f"asked for {count} different text-only questions; only {available} exist")
     turns: list[Turn] = []
     while len(turns) < count:
         if rng.random() < 0.5:
-            a, b = rng.randrange(10), rng.randrange(10)
+            a, b = rng.randrange(_SUM_TERMS), rng.randrange(_SUM_TERMS)
             turn = f"What is {a} plus {b}?", str(a + b)
         else:
             turn = rng.choice(_SHAPE_FACTS)
