@@ -13,7 +13,9 @@ from rice_mllm.pretrain.losses import ClusterMarginLoss, MultiLabelClusterLoss, 
 
 
 def reference_loss(emb, centres, labels, scale, margin, classes=None):
-    """Naive formula: per region, loop over its positives and over every non-positive scored class."""
+    """The paper's Eq. 3 / Eq. 4, written from the equations, one region at a time:
+    L = log(1 + sum_p exp(-s (c_p - m))) + log(1 + sum_n exp(s c_n)), p over the region's distinct positives,
+    n over every scored class that is not one of them; the mean over regions with a positive."""
     classes = range(centres.shape[0]) if classes is None else [int(c) for c in classes]
     total, count = 0.0, 0
     for i in range(emb.shape[0]):
@@ -22,19 +24,32 @@ def reference_loss(emb, centres, labels, scale, margin, classes=None):
             continue
         e = emb[i] / emb[i].norm()
         cos = {j: torch.dot(e, centres[j] / centres[j].norm()) for j in set(classes) | pos}
-        term = sum(torch.log1p(torch.exp(-scale * (cos[j] - margin))) for j in pos)
-        term = term + torch.log1p(sum(torch.exp(scale * cos[j]) for j in classes if j not in pos))
+        term = torch.log(1 + sum(torch.exp(-scale * (cos[j] - margin)) for j in pos))
+        term = term + torch.log(1 + sum(torch.exp(scale * cos[j]) for j in classes if j not in pos))
         total, count = total + term, count + 1
     return total / count
 
 
-def _inputs(m=12, k=23, e=8, p=3, dtype=torch.float64):
+def _inputs(m=12, k=23, e=8, p=5, dtype=torch.float64):
     emb = torch.randn(m, e, dtype=dtype)
     centres = torch.randn(k, e, dtype=dtype)
     labels = torch.randint(0, k, (m, p))
     labels[torch.rand(m, p) < 0.3] = -1
     labels[0] = -1  # an ignored region
+    labels[1] = torch.tensor([4, 4, 7, -1, 4])  # a repeated token id is one positive
     return emb, centres, labels
+
+
+def test_ocr_loss_puts_every_positive_inside_one_log_hand_computed():
+    """e = (1, 0); positives at cosines 1 and 0, the one negative at cosine 0; s = 2, m = 0.5:
+    log(1 + e^-1 + e^1) + log(1 + e^0), where one softplus per positive would give log(1 + e^-1) + log(1 + e^1) +
+    log 2."""
+    loss_fn = MultiLabelClusterLoss(3, 2, scale=2.0, margin=0.5).double()
+    with torch.no_grad():
+        loss_fn.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+    loss = loss_fn(torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([[0, 1]]))
+    expected = math.log(1 + math.exp(-1) + math.exp(1)) + math.log(2)
+    assert abs(loss.item() - expected) < 1e-12, (loss.item(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

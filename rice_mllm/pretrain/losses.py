@@ -96,14 +96,25 @@ def sample_classes(
     return torch.topk(scores, num_sample, sorted=False).indices.sort().values
 
 
-class _ClusterDiscriminationLoss(nn.Module):
-    """Shared maths of both losses; labels are [M, P] positive class ids padded with -1.
+def _log1p_sum_exp(local_lse: torch.Tensor) -> torch.Tensor:
+    """log(1 + sum over ranks of exp(local_lse)) per row, exact across shards: a shared shift keeps exp in range.
 
-    Per region i with positive classes P_i and scored negatives N_i (cosines c of L2-normalised vectors):
-    L_i = sum_{j in P_i} log(1 + exp(-s (c_ij - m))) + log(1 + sum_{j in N_i} exp(s c_ij)), averaged over valid
-    regions. The value on every rank is the loss of the global batch; backward gives each rank the exact gradient
-    of it for its own embeddings and centre rows. So DDP's averaging divides the encoder's gradient by the world
-    size, and the centres must stay out of DDP/ZeRO averaging (their rows differ per rank).
+    Args:
+        local_lse: [M] log-sum-exp of this shard's terms per row (about finfo.min where the shard has none).
+    """
+    shift = _global(local_lse.detach().clamp(min=0.0), op=dist.ReduceOp.MAX)  # [M]
+    return shift + torch.log(torch.exp(-shift) + _global(torch.exp(local_lse - shift)))
+
+
+class _ClusterDiscriminationLoss(nn.Module):
+    """Shared maths of both losses (the paper's Eq. 3 and 4); labels are [M, P] positive class ids padded with -1.
+
+    Per region i with positive classes P_i (distinct) and scored negatives N_i (cosines c of L2-normalised vectors):
+    L_i = log(1 + sum_{p in P_i} exp(-s (c_ip - m))) + log(1 + sum_{n in N_i} exp(s c_in)), averaged over valid
+    regions. With one positive the first term is Eq. 3's log(1 + exp(-s (c_y - m))). The value on every rank is the
+    loss of the global batch; backward gives each rank the exact gradient of it for its own embeddings and centre
+    rows. So DDP's averaging divides the encoder's gradient by the world size, and the centres must stay out of
+    DDP/ZeRO averaging (their rows differ per rank).
     """
 
     def __init__(
@@ -116,12 +127,15 @@ class _ClusterDiscriminationLoss(nn.Module):
         # This rank's rows of the [K, E] centre matrix; normalised at use, so the init scale is irrelevant.
         self.weight = nn.Parameter(torch.randn(self.class_end - self.class_start, embed_dim).mul_(0.01))
 
-    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.shape[0] != labels.shape[0]:
             raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} label rows")
         bad = (labels < -1) | (labels >= self.num_classes)
         if bad.any():
             raise ValueError(f"labels must be -1 or in [0, {self.num_classes}); got {labels[bad][:8].tolist()}")
+
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        self._check(embeddings, labels)
         dtype = torch.promote_types(embeddings.dtype, torch.float32)  # exp(64) needs fp32 range
         embeddings = F.normalize(gather_rows(embeddings).to(dtype), dim=-1)  # [M, E]
         labels = gather_rows(labels, differentiable=False)  # [M, P]
@@ -130,31 +144,23 @@ class _ClusterDiscriminationLoss(nn.Module):
         if num_valid == 0:
             # Keep every parameter in the graph so DDP / ZeRO see a gradient (zero) on every rank.
             return (embeddings.sum() + self.weight.sum()) * 0.0
-        # Positives in this shard, as local ids, then the scored classes.
+        # Positives in this shard, as local ids, then the scored classes (every positive is scored).
         local = labels - self.class_start
         in_shard = (labels >= 0) & (local >= 0) & (local < self.weight.shape[0])
         index = sample_classes(local[in_shard], self.weight.shape[0], self.sample_ratio, generator)  # [S]
         centres = F.normalize(self.weight[index].to(dtype), dim=-1)  # [S, E]
         cosine = embeddings @ centres.T  # [M, S]
-        # (row, sampled slot) of every positive in this shard; repeats within a row count once.
-        num_sample = index.numel()
         slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=labels.device)
-        slot[index] = torch.arange(num_sample, device=labels.device)
+        slot[index] = torch.arange(index.numel(), device=labels.device)
         rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[in_shard]
-        pairs = torch.unique(rows * num_sample + slot[local[in_shard]])
-        rows, cols = pairs // num_sample, pairs % num_sample
-        # Positives are few: gather their cosines instead of touching the whole [M, S] matrix.
-        positive_loss = F.softplus(-self.scale * (cosine[rows, cols] - self.margin))  # [Q]
-        positive_term = _global(positive_loss.new_zeros(labels.shape[0]).index_add(0, rows, positive_loss))  # [M]
-        # log(1 + sum_neg exp(s c)) from per-shard log-sum-exps and a shared shift, exact across shards.
-        logits = cosine * self.scale
-        # A finite floor, not -inf: a row whose scored classes are all positives must not produce NaN gradients.
-        logits[rows, cols] = torch.finfo(dtype).min
-        local_lse = torch.logsumexp(logits, dim=1)  # [M]
-        shift = _global(local_lse.detach().clamp(min=0.0), op=dist.ReduceOp.MAX)  # [M]
-        neg_sum = _global(torch.exp(local_lse - shift))  # [M]
-        negative_term = shift + torch.log(torch.exp(-shift) + neg_sum)
-        return ((positive_term + negative_term) * valid).sum() / num_valid
+        positive = torch.zeros_like(cosine, dtype=torch.bool)  # [M, S]; a repeated id is one positive
+        positive[rows, slot[local[in_shard]]] = True
+        # A finite floor, not -inf, for the excluded slots: a row with no term here must not give NaN gradients.
+        floor = torch.finfo(dtype).min
+        positive_lse = torch.logsumexp(torch.where(positive, -self.scale * (cosine - self.margin), floor), dim=1)
+        negative_lse = torch.logsumexp(torch.where(positive, floor, self.scale * cosine), dim=1)  # [M]
+        per_region = _log1p_sum_exp(positive_lse) + _log1p_sum_exp(negative_lse)  # [M]
+        return (per_region * valid).sum() / num_valid
 
 
 class ClusterMarginLoss(_ClusterDiscriminationLoss):
