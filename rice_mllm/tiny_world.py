@@ -35,38 +35,28 @@ WORLD = WorldConfig(
     word_size=20,
 )
 
-# Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. The tiny models
-# start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale). Stage 0 runs 10 epochs, as
-# many as the 20 minutes allow: a linear probe reads an object's shape off the encoder token at its centre (layer -2,
-# held-out images) at 95% after 12 epochs against 90% after 6, and held-out shape answers after 4 stage-2 epochs
-# rise from 70% to 96% (one run each).
-# Stage 0 weighs the OCR loss (words and cell names) 1.0, not the recipe's 0.3: with a RoPE-only ViT a token knows
-# its place in the image only if a loss asks for it, and at lower weights whether the encoder learnt the cells was a
-# lottery that decided the whole job. A linear probe (layer -2, a shape's centre token, held-out images) read its
-# cell at 44-81% at 0.3 and 69-83% at 0.5, over stage-0 runs differing only in seed, thread count or tokenizer ids;
-# at 0.5, the seed-1 encoder (probe 69%) then scored 77-85% in five stage-2 variants (two-image 53-62%) while the
-# seed-0 encoder (79%) scored 90-92% in three. At 1.0 the probe reads 99.4%, 99.6% and 81% for seeds 0, 1 and 2
-# (shape+colour 89-90%), and the three jobs scored 88.5%, 90.8% and 88.1% (generator 10), every one-image type at
-# 78% or more; two-image questions, the weakest type, 68%, 73% and 70%.
-# Stage 2 keeps that encoder frozen: training it there left the probe as it was (88% before, 89% after) and cost 9%
-# more per step. 10 stage-2 epochs: with 11 the job took 20.8 min (88.5% held-out); with 9, 15.7 min and 82.9%
-# (colour 81%: whether the LLM learns to find an object by its shape varies from run to run).
-# Images are one 96 px tile: 6x6 patches of 16 px, so each cell of the world's 3x3 grid is exactly 2x2 patches, and
-# every sample has the same image layout (base tile + 1x1 grid, 78 tokens). Stage 2 trains on one record per image:
-# its questions, then its caption, which names every object's colour, shape and place where a question names one
-# (measured, at equal steps: held-out shape answers 32% without captions, 87% with). Records vary from 30 to 340
-# tokens; the stage-2 recipe batches them by length: random batches of 16 are 77% real tokens, grouped 98%.
-# Stage 2 warms up over 10% of its steps, not the recipe's 3%: on two stage-1 checkpoints, 84.7% against 81.4% (shape
-# 91.7% against 66.8%) and 86.3% against 84.3% (position 74% against 64.5%), one run each.
-# The two images of a pair give their base tile only (`multi_image_tiling="base"`, as LLaVA-NeXT's training code and
-# LLaVA-OneVision cut multi-image samples; set where stage 1 creates the model, which stage 2 inherits). On one
-# stage-1 checkpoint: 64% of held-out two-image questions against 62% tiled, and 81% with twice the training pairs
-# (generator 10); on a checkpoint whose stage 0 trained on reshuffled tokenizer ids, 60% (67% with four times the
-# pairs): whether the tiny LLM learns to tell the two images apart varies from run to run. Generator 11 doubles the
-# pairs again (stage 2 +15% steps): the three stage-0 seeds' jobs then scored 89.5%, 91.2% and 90.4%, two-image
-# 80%, 74% and 78%, every type at 74% or more.
-# Stage 2 runs on the plain torch engine: in one CPU process ZeRO shards nothing and cost 7% more per step
-# (measured); stages 0 and 1 keep the recipes' DeepSpeed.
+# Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. Why, in short (the
+# measurements behind each choice are in the commit history):
+# - The tiny models start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and warms
+#   up over 10% of its steps.
+# - Stage 0 runs 10 epochs (as many as the time budget allows) and weighs the OCR loss, which teaches each shape's
+#   box the words of its cell ("top left"), as much as the object loss: RICE-ViT has no absolute position embedding,
+#   so a token knows its place in the image only if a loss asks for it.
+# - Stage 2 keeps that encoder frozen: training it there did not help and cost more per step.
+# - Images are one 96 px tile: 6x6 patches of 16 px, so each cell of the world's 3x3 grid is 2x2 patches, and every
+#   sample has the same layout (78 tokens). Stage 2 trains on one record per image, its questions then its caption;
+#   records of 30 to 340 tokens are batched by length (the stage-2 recipe).
+# - The two images of a pair give their base tile only (`multi_image_tiling="base"`, as LLaVA-NeXT's training code
+#   and LLaVA-OneVision cut multi-image samples; set where stage 1 creates the model, which stage 2 inherits).
+# - Stage 2 runs on the plain torch engine: in one CPU process ZeRO shards nothing and costs more per step.
+# Stage 0's losses, softer than the paper's (s = 64, m = 0.3, rho = 0.1 of 1M centres) for an encoder that starts
+# from scratch on 30 object classes: every class scored, and a narrow embedding for a 128-wide encoder.
+TINY_STAGE0_LOSS = {
+    "pretrain.embed_dim": "64",
+    "pretrain.scale": "16.0",
+    "pretrain.margin": "0.1",
+    "pretrain.sample_ratio": "1.0",
+}
 PLAN: dict[str, tuple[str, dict[str, str]]] = {
     "stage0": (
         "stage0_rice_pretrain",
@@ -75,7 +65,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "data.tiny_world": "null",  # generated once, below
             "data.train_files": "[{out}/data/regions_train.jsonl]",
             "optim.epochs": "10",
-            "pretrain.ocr_loss_weight": "1.0",
+            **TINY_STAGE0_LOSS,
             "output_dir": "{out}/stage0_rice_pretrain",
         },
     ),

@@ -1,5 +1,6 @@
 """Smoke runs of the kit-vs-transformers benchmarks (scripts/bench_*.py) with --quick: they run, agree, print ratios."""
 
+import importlib
 import runpy
 from pathlib import Path
 
@@ -36,3 +37,15 @@ def test_preprocess_benchmark_runs_and_prints_ratio(bench, capsys):
     out = capsys.readouterr().out
     assert out.count("ratio vs transformers") == 3 and len(rates) == 3
     assert "max |kit[pil] - transformers| on image 0: " in out
+
+
+def test_cluster_benchmark_runs_each_backend_and_checks_assignments(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    # Imported, not run_path: its runs are spawned processes, which find their target by module name.
+    bench_clusters = importlib.import_module("bench_clusters")
+    tiny = ["--regions", "3000", "--dim", "8", "--clusters", "100", "--small-regions", "600", "--small-dim", "4"]
+    results = bench_clusters.main([*tiny, "--small-clusters", "6", "--sample", "300", "--iters", "5", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert out.count("exact nearest") == 4 and len(results) == 4
+    assert results["torch (kit) 600x4->6"]["exact_share"] == results["faiss flat 600x4->6"]["exact_share"] == 1.0
+    assert all(r["wall_s"] > 0 and r["peak_gib"] > 0 and 0.5 < r["exact_share"] <= 1 for r in results.values())

@@ -7,8 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rice_mllm"
 MODEL_CODE = [
     *sorted((PACKAGE / "vision").glob("*.py")),
     *sorted((PACKAGE / "mllm").glob("*.py")),
-    PACKAGE / "pretrain" / "region_head.py",
-    PACKAGE / "pretrain" / "losses.py",
+    *sorted((PACKAGE / "pretrain").glob("*.py")),
     PACKAGE / "loading.py",
 ]
 FORBIDDEN = ("deepspeed", "peft", "bitsandbytes", "rice_mllm.train")

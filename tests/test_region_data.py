@@ -86,7 +86,10 @@ def test_coco_conversion(tmp_path):
     (tmp_path / "inst.json").write_text(json.dumps(coco))
     out = tmp_path / "out" / "regions.jsonl"
     counts = convert_coco(tmp_path / "inst.json", tmp_path / "img", out)
-    assert counts == {"images": 1, "objects": 2, "crowd": 1, "degenerate": 1, "images_without_boxes": 1}
+    assert counts == {"images": 1, "objects": 2, "crowd": 1, "degenerate": 1, "small": 0, "images_without_boxes": 1}
+    # the paper's size filter: the 20x30 dog stays at 20 px, the clipped 10x10 cat goes
+    counts = convert_coco(tmp_path / "inst.json", tmp_path / "img", tmp_path / "big.jsonl", min_edge=20)
+    assert counts["small"] == 1 and counts["objects"] == 1
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["image"] == "../img/1.png"
     assert record["objects"] == [{"box": [10, 5, 30, 35], "label": "dog"}, {"box": [90, 40, 100, 50], "label": "cat"}]

@@ -1,4 +1,4 @@
-"""RicePretrainModel: RICE-ViT + region head + cluster discrimination losses (stage 0, DESIGN.md section 4).
+"""RicePretrainModel: RICE-ViT + region transformer + cluster discrimination losses (stage 0, DESIGN.md section 4).
 
 Only the encoder is the stage-0 artefact (`save_encoder`, MLCD layout); the head and class centres are trainer state.
 """
@@ -11,7 +11,7 @@ from torch import nn
 
 from rice_mllm.pretrain.losses import ClusterMarginLoss, MultiLabelClusterLoss
 from rice_mllm.pretrain.region_data import OBJECT, OCR
-from rice_mllm.pretrain.region_head import RegionHead
+from rice_mllm.pretrain.region_head import RegionTransformer, box_patch_masks, encode_for_regions
 from rice_mllm.vision import RiceVisionConfig, RiceVisionModel
 
 
@@ -22,7 +22,8 @@ class RegionPretrainConfig:
     Attributes:
         num_clusters: K object clusters (the labelling command's --num-clusters).
         vocab_size: OCR classes = the LLM tokenizer's vocabulary size; 0 disables the OCR loss.
-        embed_dim: E of the region embeddings and class centres.
+        embed_dim: E of the region embeddings and class centres; None: the encoder's hidden size (the paper gives
+            no value).
         scale, margin: s and m of both losses.
         sample_ratio, ocr_sample_ratio: PartialFC rho of the object and OCR losses.
         ocr_loss_weight: weight of the OCR loss in the total.
@@ -30,7 +31,7 @@ class RegionPretrainConfig:
 
     num_clusters: int
     vocab_size: int = 0
-    embed_dim: int = 512
+    embed_dim: int | None = None
     scale: float = 64.0
     margin: float = 0.3
     sample_ratio: float = 0.1
@@ -51,7 +52,7 @@ class RicePretrainOutput:
 
 
 class RicePretrainModel(nn.Module):
-    """Encoder + RegionHead + ClusterMarginLoss (objects) + MultiLabelClusterLoss (OCR).
+    """Encoder + RegionTransformer + ClusterMarginLoss (objects) + MultiLabelClusterLoss (OCR).
 
     Args:
         vision_config: the encoder architecture.
@@ -62,15 +63,14 @@ class RicePretrainModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = RiceVisionModel(vision_config)
-        self.region_head = RegionHead(vision_config.hidden_size, config.embed_dim)
+        embed_dim = config.embed_dim or vision_config.hidden_size
+        self.region_head = RegionTransformer(vision_config.hidden_size, vision_config.num_attention_heads, embed_dim)
         loss_args = {"scale": config.scale, "margin": config.margin}
         self.object_loss = ClusterMarginLoss(
-            config.num_clusters, config.embed_dim, sample_ratio=config.sample_ratio, **loss_args
+            config.num_clusters, embed_dim, sample_ratio=config.sample_ratio, **loss_args
         )
         self.ocr_loss = (
-            MultiLabelClusterLoss(
-                config.vocab_size, config.embed_dim, sample_ratio=config.ocr_sample_ratio, **loss_args
-            )
+            MultiLabelClusterLoss(config.vocab_size, embed_dim, sample_ratio=config.ocr_sample_ratio, **loss_args)
             if config.vocab_size > 0
             else None
         )
@@ -88,11 +88,6 @@ class RicePretrainModel(nn.Module):
         averaging and save them per rank (trainer state), unlike every other parameter."""
         return [name for name, _ in self.named_parameters() if name.startswith(("object_loss.", "ocr_loss."))]
 
-    def unused_parameter_names(self) -> list[str]:
-        """The encoder's pooled-CLS norm: the region losses read only the last hidden state, so trainers freeze it
-        (DDP and ZeRO would otherwise wait for its gradient)."""
-        return [f"encoder.{name}" for name, _ in self.encoder.named_parameters() if "post_layernorm" in name]
-
     def save_encoder(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the stage-0 artefact: the plain encoder in the MLCD layout (config.json + model.safetensors).
 
@@ -108,6 +103,31 @@ class RicePretrainModel(nn.Module):
     # alone, so a stage-0 run dir is a `model.vision` for stage 1; head and centres stay in trainer state.
     save_pretrained = save_encoder
 
+    def region_embeddings(
+        self, pixel_values: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Region embeddings of every box: one encoder forward per image size, every region of an image at once.
+
+        Args:
+            pixel_values: [B, 3, H, W]; images of other sizes sit top-left, padded (see `image_sizes`).
+            boxes: [B, N, 4] xyxy pixels of each image as encoded.
+            image_sizes: [B, 2] (height, width) of each image inside `pixel_values`; None: all are H x W.
+
+        Returns:
+            [B, N, E].
+        """
+        if image_sizes is None:
+            image_sizes = torch.tensor([pixel_values.shape[-2:]], device=boxes.device).expand(len(boxes), 2)
+        patch = self.encoder.config.patch_size
+        order, parts = [], []
+        for size in torch.unique(image_sizes, dim=0).tolist():
+            index = (image_sizes == torch.tensor(size, device=image_sizes.device)).all(dim=1).nonzero().flatten()
+            tokens, angles = encode_for_regions(self.encoder, pixel_values[index, :, : size[0], : size[1]])
+            masks = box_patch_masks(boxes[index], (size[0] // patch, size[1] // patch), patch)  # [b, N, HW]
+            parts.append(self.region_head(tokens, masks, angles))  # [b, N, E]
+            order.append(index)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -115,22 +135,21 @@ class RicePretrainModel(nn.Module):
         kinds: torch.Tensor,
         labels: torch.Tensor,
         valid: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
     ) -> RicePretrainOutput:
         """One encoder pass for all regions, then both losses (called on every rank, even with no region of a kind,
         because the losses communicate).
 
         Args:
-            pixel_values: [B, 3, S, S]; boxes: [B, N, 4] xyxy pixels of the input; kinds: [B, N] OBJECT/OCR;
-            labels: [B, N, P] cluster id in column 0 (objects) or token ids (OCR), padded with -1; valid: [B, N].
+            pixel_values: [B, 3, H, W]; boxes: [B, N, 4] xyxy pixels of the input; kinds: [B, N] OBJECT/OCR;
+            labels: [B, N, P] cluster id in column 0 (objects) or token ids (OCR), padded with -1; valid: [B, N];
+            image_sizes: [B, 2] when images keep their aspect ratio (`region_embeddings`).
             (the keys of `region_data.collate_regions`, so `model(**batch)` works)
 
         Returns:
             RicePretrainOutput.
         """
-        patch = self.encoder.config.patch_size
-        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        hidden = self.encoder(pixel_values).last_hidden_state  # [B, 1+HW, D]
-        embeddings = self.region_head(hidden, boxes, grid, patch).flatten(0, 1)  # [B*N, E]
+        embeddings = self.region_embeddings(pixel_values, boxes, image_sizes).flatten(0, 1)  # [B*N, E]
         kinds, labels, valid = kinds.flatten(), labels.flatten(0, 1), valid.flatten()  # [B*N], [B*N, P], [B*N]
         objects, ocr = valid & (kinds == OBJECT), valid & (kinds == OCR)
         object_loss = self.object_loss(embeddings[objects], labels[objects, 0])

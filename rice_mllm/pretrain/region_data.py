@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,14 +162,46 @@ def check_region_file(path: str | Path, check_images: bool = True, require_label
     return issues
 
 
-def load_image_square(path: str | Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """RGB image -> bicubic resize to image_size x image_size -> CLIP-normalised [3, S, S]; also (width, height)."""
+def patch_budget_size(width: int, height: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """(height, width) in pixels, multiples of the patch, keeping the aspect ratio with at most `max_patches` patches.
+
+    The image is scaled (up or down) so its patch grid fills the budget, as LLaVA-OneVision-1.5 feeds RICE; each
+    side keeps at least one patch, the other side then shrinks so the product stays within the budget.
+    """
+    scale = math.sqrt(max_patches * patch_size**2 / (width * height))
+    rows = max(1, math.floor(height * scale / patch_size))
+    cols = max(1, min(math.floor(width * scale / patch_size), max_patches // rows))
+    rows = min(rows, max_patches // cols)
+    return rows * patch_size, cols * patch_size
+
+
+def load_region_image(
+    path: str | Path,
+    image_size: int,
+    patch_size: int | None = None,
+    max_patches: int | None = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB image -> bicubic resize -> normalised [3, H, W] (CLIP's statistics by default); also the original
+    (width, height).
+
+    Square image_size x image_size (the paper's input) unless `max_patches` is set: then `patch_budget_size`.
+    """
     with Image.open(path) as image:
         size = image.size
-        resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, S, S]
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    return (pixels - mean) / std, size
+        if max_patches is None:
+            height, width = image_size, image_size
+        else:
+            height, width = patch_budget_size(*size, patch_size, max_patches)
+        resized = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, H, W]
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None], size
+
+
+def load_image_square(path: str | Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`load_region_image` at the square image_size x image_size."""
+    return load_region_image(path, image_size)
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -188,15 +221,27 @@ class RegionDataset(torch.utils.data.Dataset):
         num_regions: N regions per image.
         max_tokens: P, token positives kept per OCR region (first P distinct tokens).
         seed: sampling seed.
+        max_patches: keep each image's aspect ratio within this many patches of `patch_size` instead of squashing
+            it to S x S.
     """
 
     def __init__(
-        self, path: str | Path, image_size: int, num_regions: int = 10, max_tokens: int = 10, seed: int = 0
+        self,
+        path: str | Path,
+        image_size: int,
+        num_regions: int = 10,
+        max_tokens: int = 10,
+        seed: int = 0,
+        max_patches: int | None = None,
+        patch_size: int | None = None,
     ) -> None:
         issues = check_region_file(path, check_images=False, require_labels=True)
         if issues:
             raise RegionDataError(issues)
+        if max_patches is not None and (patch_size is None or max_patches < 1):
+            raise ValueError(f"max_patches={max_patches} needs a patch_size and at least one patch")
         self.path, self.image_size, self.num_regions, self.max_tokens = Path(path), image_size, num_regions, max_tokens
+        self.max_patches, self.patch_size = max_patches, patch_size
         self.seed, self.epoch = seed, 0
         self.records = read_region_jsonl(path)
 
@@ -217,7 +262,7 @@ class RegionDataset(torch.utils.data.Dataset):
         line, record = self.records[index]
         image_path = resolve_image(self.path, record["image"])
         try:
-            pixels, (width, height) = load_image_square(image_path, self.image_size)
+            pixels, (width, height) = load_region_image(image_path, self.image_size, self.patch_size, self.max_patches)
         except (OSError, ValueError) as err:
             raise RegionDataError(
                 [RegionIssue(str(self.path), line, "image", f"cannot open {image_path}: {err}")]
@@ -240,7 +285,7 @@ class RegionDataset(torch.utils.data.Dataset):
             extra = torch.randint(len(regions), (n - len(regions),), generator=generator)
             picks = torch.cat([torch.arange(len(regions)), extra])
         chosen = [regions[i] for i in picks.tolist()]
-        scale = torch.tensor([self.image_size / width, self.image_size / height] * 2)
+        scale = torch.tensor([pixels.shape[2] / width, pixels.shape[1] / height] * 2)
         boxes = torch.tensor([r["box"] for _, r in chosen], dtype=torch.float32) * scale  # [N, 4]
         labels = torch.tensor([self._labels(kind, r) for kind, r in chosen], dtype=torch.long)  # [N, P]
         return {
@@ -253,20 +298,28 @@ class RegionDataset(torch.utils.data.Dataset):
 
 
 def collate_regions(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack samples: pixel_values [B,3,S,S], boxes [B,N,4], kinds [B,N] (OBJECT/OCR), labels [B,N,P], valid [B,N]."""
-    return {
-        key: torch.stack([s[key] for s in samples]) for key in ("pixel_values", "boxes", "kinds", "labels", "valid")
-    }
+    """Stack samples: pixel_values [B,3,H,W] (images of other sizes top-left, zero-padded), image_sizes [B,2]
+    (height, width), boxes [B,N,4], kinds [B,N] (OBJECT/OCR), labels [B,N,P], valid [B,N]."""
+    sizes = torch.tensor([s["pixel_values"].shape[1:] for s in samples])  # [B, 2]
+    height, width = sizes.max(dim=0).values.tolist()
+    pixels = samples[0]["pixel_values"].new_zeros(len(samples), 3, height, width)
+    for image, sample in zip(pixels, samples, strict=True):
+        image[:, : sample["pixel_values"].shape[1], : sample["pixel_values"].shape[2]] = sample["pixel_values"]
+    batch = {key: torch.stack([s[key] for s in samples]) for key in ("boxes", "kinds", "labels", "valid")}
+    return {"pixel_values": pixels, "image_sizes": sizes, **batch}
 
 
-def convert_coco(instances: str | Path, image_dir: str | Path, out: str | Path, keep_crowd: bool = False) -> dict:
+def convert_coco(
+    instances: str | Path, image_dir: str | Path, out: str | Path, keep_crowd: bool = False, min_edge: float = 0.0
+) -> dict:
     """COCO instances JSON (bbox [x, y, w, h], category names) -> region JSONL with "label" = category name.
 
-    Boxes are clipped to the image; crowd boxes (unless keep_crowd), boxes degenerate after clipping and images
-    left with no box are not written, and counted in the returned dict. Image paths are written relative to `out`.
+    Boxes are clipped to the image; crowd boxes (unless keep_crowd), boxes degenerate after clipping, boxes whose
+    shorter side is under `min_edge` pixels (the paper keeps regions of 128 px and more) and images left with no box
+    are not written, and counted in the returned dict. Image paths are written relative to `out`.
 
     Returns:
-        Counts: images, objects, crowd, degenerate, images_without_boxes.
+        Counts: images, objects, crowd, degenerate, small, images_without_boxes.
     """
     with open(instances, encoding="utf-8") as f:
         coco = json.load(f)
@@ -276,7 +329,7 @@ def convert_coco(instances: str | Path, image_dir: str | Path, out: str | Path, 
     categories = {c["id"]: c["name"] for c in coco["categories"]}
     images = {im["id"]: im for im in coco["images"]}
     boxes: dict[int, list[dict]] = {i: [] for i in images}
-    counts = {"images": 0, "objects": 0, "crowd": 0, "degenerate": 0, "images_without_boxes": 0}
+    counts = {"images": 0, "objects": 0, "crowd": 0, "degenerate": 0, "small": 0, "images_without_boxes": 0}
     for ann in coco["annotations"]:
         if ann["image_id"] not in images or ann["category_id"] not in categories:
             raise KeyError(
@@ -291,6 +344,9 @@ def convert_coco(instances: str | Path, image_dir: str | Path, out: str | Path, 
         box = [max(0.0, x), max(0.0, y), min(float(image["width"]), x + w), min(float(image["height"]), y + h)]
         if not (box[0] < box[2] and box[1] < box[3]):
             counts["degenerate"] += 1
+            continue
+        if min(box[2] - box[0], box[3] - box[1]) < min_edge:
+            counts["small"] += 1
             continue
         boxes[ann["image_id"]].append({"box": [round(v, 2) for v in box], "label": categories[ann["category_id"]]})
     out = Path(out)
@@ -316,13 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--images", required=True, help="folder holding the images' file_name paths")
     convert.add_argument("--out", required=True, help="region JSONL to write")
     convert.add_argument("--keep-crowd", action="store_true", help="keep iscrowd boxes")
+    convert.add_argument("--min-edge", type=float, default=0.0, help="drop boxes with a shorter side (paper: 128 px)")
     check = commands.add_parser("check", help="report every bad record of region JSONL files")
     check.add_argument("files", nargs="+")
     check.add_argument("--no-images", action="store_true", help="skip opening images (no existence/bounds check)")
     check.add_argument("--require-labels", action="store_true", help="objects need 'cluster', OCR needs 'tokens'")
     args = parser.parse_args(argv)
     if args.command == "convert-coco":
-        counts = convert_coco(args.instances, args.images, args.out, args.keep_crowd)
+        counts = convert_coco(args.instances, args.images, args.out, args.keep_crowd, args.min_edge)
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return 0
     total = 0

@@ -48,7 +48,8 @@ class PretrainConfig:
     num_clusters: int | None = None  # K; None: #distinct labels (label-hash) or max "cluster" + 1 (labelled files)
     num_regions: int = 10  # regions per image
     max_tokens: int = 10  # token positives kept per OCR region
-    embed_dim: int = 512  # region embedding and class-centre width
+    embed_dim: int | None = None  # region embedding and class-centre width; None: the encoder's hidden size
+    max_patches: int | None = None  # keep images' aspect ratio within this many patches; None: square image_size
     scale: float = 64.0
     margin: float = 0.3
     sample_ratio: float = 0.1  # PartialFC share of object centres scored per step

@@ -120,10 +120,14 @@ class RegionFiles(ConcatDataset):
 
 
 def build_region_dataset(config: TrainConfig, inputs: RegionInputs) -> RegionFiles:
-    """One RegionDataset per labelled file at the encoder's input size, seeded with `optim.seed`."""
+    """One RegionDataset per labelled file at the encoder's input size (or patch budget), seeded with `optim.seed`."""
     p = config.pretrain
     size = inputs.vision_config.image_size
-    parts = [RegionDataset(f, size, p.num_regions, p.max_tokens, seed=config.optim.seed) for f in inputs.files]
+    patch = inputs.vision_config.patch_size
+    parts = [
+        RegionDataset(f, size, p.num_regions, p.max_tokens, config.optim.seed, p.max_patches, patch)
+        for f in inputs.files
+    ]
     for f, part in zip(inputs.files, parts, strict=True):
         logger.info("%s: %d images", f, len(part))
     return RegionFiles(parts)
