@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rice_mllm.presets import load_preset
-from rice_mllm.pretrain.region_data import load_image_square, read_region_jsonl, resolve_image
+from rice_mllm.pretrain.region_data import load_region_image, read_region_jsonl, resolve_image
 from rice_mllm.pretrain.region_head import box_patch_masks, encode_for_regions, region_attention
 from rice_mllm.tiny_world import TINY_STAGE0_LOSS
 from rice_mllm.train.trainer import main
@@ -128,7 +128,7 @@ def _region_features_and_labels(encoder: RiceVisionModel, file: Path) -> tuple[t
     size, patch = encoder.config.image_size, encoder.config.patch_size
     images, boxes, labels = [], [], []
     for _, record in read_region_jsonl(file):
-        pixels, (width, height) = load_image_square(resolve_image(file, record["image"]), size)
+        pixels, (width, height) = load_region_image(resolve_image(file, record["image"]), size)
         images.append(pixels)
         scale = torch.tensor([size / width, size / height] * 2)
         boxes.append(torch.tensor([o["box"] for o in record["objects"]], dtype=torch.float32) * scale)

@@ -199,11 +199,6 @@ def load_region_image(
     return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None], size
 
 
-def load_image_square(path: str | Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """`load_region_image` at the square image_size x image_size."""
-    return load_region_image(path, image_size)
-
-
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     # Stable across processes and Python versions (unlike hash()), so workers and resumes draw the same regions.
     return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest(), "little") >> 1
