@@ -15,10 +15,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rice_mllm.constants import IMAGE_TOKEN
-from rice_mllm.data.synthetic_scene import DEFAULT_WORLD, Scene, WorldConfig, render_scene, sample_scene
+from rice_mllm.data.synthetic_scene import (
+    DEFAULT_WORLD,
+    RenderedScene,
+    Scene,
+    WorldConfig,
+    render_scene,
+    sample_scene,
+)
 from rice_mllm.data.synthetic_text import (
     CAPTION_PROMPTS,
+    Turn,
     caption,
     conversation,
     question_turns,
@@ -30,29 +37,11 @@ from rice_mllm.data.synthetic_text import (
 SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
 # Bumped whenever the same arguments would give different files, so that `ensure_generated` regenerates a world an
-# older generator wrote instead of training on its stale text. 2: position questions name a unique shape alone.
-# 3: half the captions name shapes first. 4: captions name objects in drawing order. 5: every shape is also a text
-# region naming its grid cell. 6: more text-only (three questions each) and two-image records. 7: twice the text-only
-# records, every question about a training pair, image labels in two-image records, more held-out text and pairs.
-# 8: two-image records ask one-image questions about the first or second image instead of the total over both.
-# 9: training pairs ask one type of one-image question per image, not every type. 10: twice the training pairs.
-# 11: twice the training pairs again.
+# older generator wrote instead of training on its stale text (git history has what each version changed).
 GENERATOR_VERSION = 11
-# Text-only and two-image records, per image of the split (at least one each). Measured on the main job: at 0.05
-# each, one question per text record, held-out sums were 0 of 6 right and "Which image has ...?" 0 of 5 (the model
-# had memorised its 150 training pairs). Text records hold three different questions; at 0.1 per image held-out sums
-# were 5 of 11 right, at 0.2 55-56 of 56 in six stage-2 runs and 46 and 56 of 56 in two full ones (eight questions
-# per record at 0.1 instead: 24 of 73, so the sums want more records, not longer ones). Each training pair asks
-# every "which" question and one type of one-image question per image (`two_image_turns`). 0.2 pairs instead of
-# 0.1 (held-out two-image questions, one run each): with every image tiled, 64% and 67% against 61% and 63%
-# (generator 8, one stage-1 checkpoint); with the base tile only for the images of a pair (the main job's
-# `multi_image_tiling="base"`), 81% against 64% on another checkpoint, and 60% (67% at 0.4) on a third, whose
-# stage 0 had trained on reshuffled tokenizer ids. 8% more steps, each 8% cheaper with base tiles. 0.4 instead of
-# 0.2 (stage 2 only, from the stage-1 checkpoints of two main jobs whose two-image questions scored 68% and 70%):
-# 80% and 78%, every other type at 76.5% or more; 15% more steps. Full jobs at 0.4 over three stage-0 seeds: 80%,
-# 74% and 78% (68%, 73% and 70% at 0.2).
-# The held-out split holds more of both: at the training fractions, the main job's 200 held-out images gave 20 of
-# each, whose accuracy was only known to +-11 points; evaluating 160 more questions takes a second.
+# Text-only and two-image records per image of the split, rounded up. Text records ask TEXT_ONLY_TURNS different
+# questions each: held-out sums wanted more records, not longer ones. The held-out split holds more of both, so their
+# accuracy is known to a few points. The fractions were tuned on the main job (git history has the runs).
 TEXT_ONLY_FRACTION = {"train": 0.2, "heldout": 0.5}
 TEXT_ONLY_TURNS = 3
 TWO_IMAGE_FRACTION = {"train": 0.4, "heldout": 0.5}
@@ -103,10 +92,9 @@ def build_split(
         config: scene sampler knobs.
         qa_per_image: QA records per image, each of a different question type (fewer if the scene supports fewer).
         merge_qa: write an image's QA turns and then its caption as one multi-turn record (question_type "mixed")
-            instead of one record per type. For training: the image's tokens, most of a sample, are then paid once
-            for all its questions, and the caption names every object's colour, shape and place. The main job went
-            from 77.3% (separate caption records, 6 stage-2 epochs) to 82.0% (this, 10 epochs) held-out exact match
-            on 64 images: measured, the two changes together.
+            instead of one record per type, and ask every question of a pair. For training: the image's tokens,
+            most of a sample, are then paid once for all its questions, and the caption names every object's
+            colour, shape and place.
         two_image_fraction: two-image records per image; None: the split's TWO_IMAGE_FRACTION.
 
     Returns:
@@ -115,65 +103,80 @@ def build_split(
     """
     if num_images < 1 or qa_per_image < 0:
         raise ValueError(f"need num_images >= 1 and qa_per_image >= 0, got {num_images}, {qa_per_image}")
-    folder = split_files(split)["images"]
     records = SplitRecords(split, [], [])
     for index in range(num_images):
-        scene = sample_scene(_rng(seed, split, index, "scene"), config)
-        path = f"{folder}/{index:06d}.png"
-        records.scenes.append(scene)
-        records.image_paths.append(path)
-        rng = _rng(seed, split, index, "text")
-        prompt = f"{IMAGE_TOKEN}\n{rng.choice(CAPTION_PROMPTS)}"
-        # Its own stream, so the phrasing choice leaves the questions as they were.
-        description = caption(scene, shape_first=_rng(seed, split, index, "caption").random() < 0.5)
-        records.captions.append(
-            {
-                "id": f"{split}-{index:06d}-caption",
-                "image": path,
-                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": description}],
-            }
-        )
-        kinds = supported_question_types(scene)
-        turns_by_kind = {
-            kind: question_turns(scene, kind, rng) for kind in rng.sample(kinds, min(qa_per_image, len(kinds)))
-        }
-        if merge_qa:
-            # The caption goes last: placed first, the answers could be copied from it instead of read off the
-            # image, which a held-out question (asked without a caption) does not allow.
-            turns = [turn for kind_turns in turns_by_kind.values() for turn in kind_turns]
-            turns_by_kind = {"mixed": [*turns, (prompt.removeprefix(f"{IMAGE_TOKEN}\n"), description)]}
-        for kind, turns in turns_by_kind.items():
-            records.qa.append(
-                {
-                    "id": f"{split}-{index:06d}-{kind}",
-                    "image": path,
-                    "conversations": conversation(turns, num_images=1),
-                    "question_type": kind,
-                }
-            )
-    rng = _rng(seed, split, "mixed")
-    for index in range(math.ceil(TEXT_ONLY_FRACTION[split] * num_images)):
-        turns = text_only_turns(rng, TEXT_ONLY_TURNS)
-        records.qa.append(
-            {"id": f"{split}-text-{index:06d}", "conversations": conversation(turns, 0), "question_type": "text"}
-        )
+        _add_image(records, seed, index, config, qa_per_image, merge_qa)
+    rng = _rng(seed, split, "mixed")  # one stream for the text-only records, then the pairs
+    records.qa += _text_records(split, rng, math.ceil(TEXT_ONLY_FRACTION[split] * num_images))
     if two_image_fraction is None:
         two_image_fraction = TWO_IMAGE_FRACTION[split]
-    # The images of a pair come from the stream that also phrases its questions, so `merge_qa` (which phrases more)
-    # changes every pair after the first. Left as it is: drawing them from their own stream changes the tokenizer's
-    # corpus, hence its ids and the encoder stage 0 trains.
-    for index in range(math.ceil(two_image_fraction * num_images) if num_images >= 2 else 0):
-        first, second = rng.sample(range(num_images), 2)
-        turns = two_image_turns(records.scenes[first], records.scenes[second], rng, every_question=merge_qa)
-        records.qa.append(
-            {
-                "id": f"{split}-pair-{index:06d}",
-                "image": [records.image_paths[first], records.image_paths[second]],
-                "conversations": conversation(turns, 2),
-                "question_type": "multi_image",
-            }
-        )
+    num_pairs = math.ceil(two_image_fraction * num_images) if num_images >= 2 else 0
+    records.qa += _pair_records(records, rng, num_pairs, every_question=merge_qa)
     return records
+
+
+def _add_image(
+    records: SplitRecords, seed: int, index: int, config: WorldConfig, qa_per_image: int, merge_qa: bool
+) -> None:
+    """Sample image `index` and append its scene, path, caption record and QA records. Its streams are seeded by
+    its index, so an image's records do not depend on the images before it."""
+    split = records.split
+    scene = sample_scene(_rng(seed, split, index, "scene"), config)
+    path = f"{split_files(split)['images']}/{index:06d}.png"
+    records.scenes.append(scene)
+    records.image_paths.append(path)
+    rng = _rng(seed, split, index, "text")
+    prompt = rng.choice(CAPTION_PROMPTS)
+    # Its own stream, so the phrasing choice leaves the questions as they were.
+    caption_turn = (prompt, caption(scene, shape_first=_rng(seed, split, index, "caption").random() < 0.5))
+    records.captions.append(_record(f"{split}-{index:06d}-caption", path, [caption_turn]))
+    turns_by_type = _question_turns_by_type(scene, rng, qa_per_image)
+    if merge_qa:
+        # The caption goes last: placed first, the answers could be copied from it instead of read off the
+        # image, which a held-out question (asked without a caption) does not allow.
+        turns_by_type = {"mixed": [turn for turns in turns_by_type.values() for turn in turns] + [caption_turn]}
+    for kind, turns in turns_by_type.items():
+        records.qa.append(_record(f"{split}-{index:06d}-{kind}", path, turns, kind))
+
+
+def _question_turns_by_type(scene: Scene, rng: random.Random, qa_per_image: int) -> dict[str, list[Turn]]:
+    """Turns of up to `qa_per_image` different question types the scene supports, the types in random order."""
+    kinds = supported_question_types(scene)
+    return {kind: question_turns(scene, kind, rng) for kind in rng.sample(kinds, min(qa_per_image, len(kinds)))}
+
+
+def _text_records(split: str, rng: random.Random, count: int) -> list[dict]:
+    """`count` records without an image, TEXT_ONLY_TURNS different questions each."""
+    return [
+        _record(f"{split}-text-{index:06d}", None, text_only_turns(rng, TEXT_ONLY_TURNS), "text")
+        for index in range(count)
+    ]
+
+
+def _pair_records(records: SplitRecords, rng: random.Random, count: int, every_question: bool) -> list[dict]:
+    """`count` two-image records, each about a random pair of the split's images (`two_image_turns`)."""
+    # The images of a pair come from the stream that also phrases its questions, so `every_question` (which phrases
+    # more) changes every pair after the first. Left as it is: drawing them from their own stream changes the
+    # tokenizer's corpus, hence its ids and the encoder stage 0 trains.
+    pairs = []
+    for index in range(count):
+        first, second = rng.sample(range(len(records.scenes)), 2)
+        turns = two_image_turns(records.scenes[first], records.scenes[second], rng, every_question=every_question)
+        images = [records.image_paths[first], records.image_paths[second]]
+        pairs.append(_record(f"{records.split}-pair-{index:06d}", images, turns, "multi_image"))
+    return pairs
+
+
+def _record(record_id: str, image: str | list[str] | None, turns: list[Turn], question_type: str | None = None) -> dict:
+    """A LLaVA record: "image" only when it has images (a list for two), "question_type" for every QA record."""
+    record: dict = {"id": record_id}
+    if image is not None:
+        record["image"] = image
+    num_images = 0 if image is None else 1 if isinstance(image, str) else len(image)
+    record["conversations"] = conversation(turns, num_images)
+    if question_type is not None:
+        record["question_type"] = question_type
+    return record
 
 
 def _write_json(path: Path, value: object) -> None:
@@ -181,17 +184,7 @@ def _write_json(path: Path, value: object) -> None:
 
 
 def write_split(out_dir: Path, records: SplitRecords, progress: bool = False) -> None:
-    """Render a split's images as PNG and write its region JSONL, caption JSON and QA JSON under `out_dir`.
-
-    Region texts (RICE's OCR branch: a box trained towards the tokens of its text) are the word, first, and each
-    shape's box with the name of its grid cell ("top left"). Why the cells: RICE-ViT has no absolute position
-    embedding (2D RoPE only), so an encoder trained on object labels alone leaves a shape's tokens blind to where
-    it stands, and the tiny LLM then answered "Where is the star?" at chance once an image held three shapes.
-    Measured on the main job (one run each): a linear probe reads the cell off a shape's centre token at 10%
-    without the cell names and 67% with them (its shape: 93% and 94.5%); held-out position answers rose from 59%
-    to 76%. Cell names as the objects' cluster labels instead ("red star top left") taught the cells (98.6%) but
-    the LLM then found objects by colour or shape in only 64% of colour questions.
-    """
+    """Render a split's images as PNG and write its region JSONL, caption JSON and QA JSON under `out_dir`."""
     names = split_files(records.split)
     (out_dir / names["images"]).mkdir(parents=True, exist_ok=True)
     lines = []
@@ -200,14 +193,25 @@ def write_split(out_dir: Path, records: SplitRecords, progress: bool = False) ->
         rendered = render_scene(scene)
         # No pnginfo and a fixed compression level: the bytes depend on pixels and zlib only (no timestamps).
         rendered.image.save(out_dir / path, format="PNG", compress_level=6)
-        boxes = list(zip(scene.objects, rendered.object_boxes, strict=True))
-        objects = [{"box": list(box), "label": obj.label} for obj, box in boxes]
-        word = [] if scene.word is None else [{"box": list(rendered.word_box), "text": scene.word.text}]
-        cells = [{"box": list(box), "text": obj.position} for obj, box in boxes]
-        lines.append(json.dumps({"image": path, "objects": objects, "ocr": word + cells}))
+        lines.append(_region_line(scene, rendered, path))
     (out_dir / names["regions"]).write_text("\n".join(lines) + "\n", encoding="utf-8")
     _write_json(out_dir / names["captions"], records.captions)
     _write_json(out_dir / names["qa"], records.qa)
+
+
+def _region_line(scene: Scene, rendered: RenderedScene, path: str) -> str:
+    """One image's stage-0 regions as a JSON line: each shape's box with its label, and OCR texts (RICE's OCR
+    branch: a box trained towards the tokens of its text) for the word and for each shape's box, the name of its
+    grid cell ("top left"). Why the cells: RICE-ViT has no absolute position embedding (2D RoPE only), so an encoder
+    trained on object labels alone leaves a shape's tokens blind to where it stands. As OCR texts rather than part
+    of the object labels, because cell names in the labels ("red star top left") taught the cells but then the LLM
+    found objects by colour or shape less often.
+    """
+    boxes = list(zip(scene.objects, rendered.object_boxes, strict=True))
+    objects = [{"box": list(box), "label": obj.label} for obj, box in boxes]
+    word = [] if scene.word is None else [{"box": list(rendered.word_box), "text": scene.word.text}]
+    cells = [{"box": list(box), "text": obj.position} for obj, box in boxes]
+    return json.dumps({"image": path, "objects": objects, "ocr": word + cells})
 
 
 def _arguments(

@@ -56,7 +56,7 @@ class WorldConfig:
         word_grid: 0 sets words freely (random size and pixel offset). N > 0 typesets them: one font size,
             `word_size`, with the text anchor on multiples of N px. With N = the encoder's patch size and images of
             one tile, a word is then the same patch pattern wherever it stands, so reading it is learnable from a
-            few thousand examples; set freely, a from-scratch 16 px encoder read 0-3% of held-out words (measured).
+            few thousand examples; set freely, a from-scratch 16 px encoder hardly learnt to read held-out words.
         word_size: font size in pixels of typeset words (word_grid > 0).
     """
 

@@ -45,8 +45,7 @@ def caption(scene: Scene, shape_first: bool = False) -> str:
     named. Colour-first captions only ever find an object by its colour, which is what shape questions need;
     shape-first ones find it by its shape, which colour and position questions need.
     Objects come in the scene's (random) drawing order, not top-to-bottom: in reading order the first object is
-    the top-most one, so the order gave places away instead of making the model find them. Measured on the main
-    job (one run each): 84.6% held-out exact match (colour 96%) against 83.0% (colour 89.5%) in reading order.
+    the top-most one, so the order would give places away instead of making the model find them.
     """
     if shape_first:
         named = [(obj.shape, f"{_where(obj)} coloured {obj.colour}") for obj in scene.objects]
@@ -179,13 +178,8 @@ def two_image_turns(first: Scene, second: Scene, rng: random.Random, every_quest
     says which image is asked about. The one-image questions come last because their answers would give the "which"
     ones away ("What shape is the red object in the second image? star"), which a held-out question, asked alone,
     does not allow. Otherwise one question, as a held-out record asks it: "which" or one-image, half and half.
-    Why no total count over both images (generator 7): that is counting and then adding, which the tiny LLM did not
-    learn in the main job's minutes: it estimated (held-out totals 21-35 of 53 as one number, 14 and 18 worked out as
-    "2 + 3 = 5") while counting one image's shapes at 90-99%.
-    Why one type per image: on one stage-1 checkpoint, it scored 24 and 26 of 51 held-out one-image questions and 31
-    and 32 of 49 "which"; every type each image supports, 26 of 51 and 35 of 49, for 22% more stage-2 time (the main
-    job: 14.6 min instead of 12.7). The tiny LLM often reads the other image: two-image questions are still the
-    weakest type.
+    No total count over both images: that is counting and then adding, which the tiny LLM does not learn in the
+    main job's minutes. One type per image: asking every type gained little for a fifth more stage-2 time.
     """
     labels = [{obj.label for obj in scene.objects} for scene in (first, second)]
     which = [
@@ -207,8 +201,7 @@ def two_image_turns(first: Scene, second: Scene, rng: random.Random, every_quest
 
 def _image_line(number: int, num_images: int) -> str:
     """The line of the `number`-th image: a bare `<image>` when it is the only one, else labelled with its ordinal
-    ("Second image: <image>"), so the image tokens follow the word the questions and answers call them by. Measured
-    on 100 held-out two-image questions: 69% labelled (one run) against 58-66% bare (three runs)."""
+    ("Second image: <image>"), so the image tokens follow the word the questions and answers call them by."""
     return f"{IMAGE_TOKEN}\n" if num_images == 1 else f"{_ORDINALS[number].capitalize()} image: {IMAGE_TOKEN}\n"
 
 
