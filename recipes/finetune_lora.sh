@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 """:"
-# bash: relaunch this file through the deepspeed launcher, which runs it with python on every rank.
-# NUM_GPUS (default: all visible GPUs, or 1 process on CPU), NNODES, HOSTFILE, MASTER_PORT pass through.
-set -euo pipefail
-gpus="${NUM_GPUS:-1}"
-if command -v nvidia-smi >/dev/null 2>&1; then gpus="${NUM_GPUS:-$(nvidia-smi -L | wc -l)}"; fi
-exec deepspeed --num_nodes "${NNODES:-1}" --num_gpus "$gpus" ${HOSTFILE:+--hostfile "$HOSTFILE"} \
-  --master_port "${MASTER_PORT:-29500}" "$0" "$@"
+# bash: launch.py beside this file relaunches it through `deepspeed`, which runs it with python on every rank.
+# NUM_GPUS (default: every GPU, else 1 process), NNODES, HOSTFILE, MASTER_PORT (one node: a free one) pass through.
+exec python3 "$(dirname "$0")/launch.py" "$0" "$@"
 ":"""
 # python (one process per rank): train with the YAML of the same name beside this file; args are a.b=value overrides.
 import os
