@@ -18,8 +18,9 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .checkpoint_layout import CheckpointFormatError
 from .constants import IMAGE_TOKEN
-from .inference import CheckpointFormatError, answer, load_for_inference, quiet_transformers
+from .inference import answer, load_for_inference, quiet_transformers
 from .loading import CheckpointMismatchError
 from .mllm.chat_template import IM_END, IM_START
 from .mllm.processing import SampleTooLongError
@@ -39,7 +40,7 @@ class ChatInputError(ValueError):
     """A user input the chat refuses with a one-line message."""
 
 
-def open_image(path: str) -> Image.Image:
+def read_user_image(path: str) -> Image.Image:
     """Decode an image fully as RGB, or raise ChatInputError saying why not."""
     file = Path(path).expanduser()
     if not file.is_file():
@@ -193,7 +194,7 @@ def handle_line(session: ChatSession, line: str) -> bool:
             raise ChatInputError(f"cannot parse the paths: {error}") from None
         if not paths:
             raise ChatInputError("usage: /image PATH [PATH ...]")
-        images = [open_image(path) for path in paths]  # all or none: a bad path attaches nothing
+        images = [read_user_image(path) for path in paths]  # all or none: a bad path attaches nothing
         for image in images:
             session.attach(image)
         print(f"(images attached to your next message: {len(session.pending)})")
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no --model given and no tiny-world model at {model_dir}; {HOW_TO_TRAIN}", file=sys.stderr)
         return 2
     try:
-        images = [open_image(path) for path in args.image]  # before the slow model load: a typo fails fast
+        images = [read_user_image(path) for path in args.image]  # before the slow model load: a typo fails fast
         model, processor = load_for_inference(model_dir, args.device, args.dtype, args.load_4bit)
     except LOAD_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

@@ -17,8 +17,10 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from .checkpoint_layout import CheckpointFormatError
 from .data.sources import Conversation, DataFormatError, ImageLoadError, load_conversations, open_images
-from .inference import CheckpointFormatError, answer_batch, load_for_inference, quiet_transformers
+from .inference import answer_batch, load_for_inference, quiet_transformers
+from .loading import CheckpointMismatchError
 from .mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError
 
 ALL_TYPES = "all"  # question_type of records that have none
@@ -212,5 +214,12 @@ if __name__ == "__main__":
     quiet_transformers()
     try:
         main()
-    except (FileNotFoundError, DataFormatError, EvalRecordError, CheckpointFormatError, ImageLoadError) as error:
+    except (
+        FileNotFoundError,
+        DataFormatError,
+        EvalRecordError,
+        CheckpointFormatError,
+        CheckpointMismatchError,
+        ImageLoadError,
+    ) as error:
         sys.exit(f"error: {error}")

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor
 
+from .checkpoint_layout import WEIGHTS_FILE, full_model_dir, weight_files
 from .constants import IMAGE_TOKEN
-from .loading import weight_files
 from .mllm.anyres import AnyresGeometry
 from .mllm.chat_template import CHAT_TEMPLATE
 from .mllm.configuration import RiceMllmConfig
@@ -101,7 +101,7 @@ def _write(state_dict: dict[str, torch.Tensor], config, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share memory (tied embeddings): store contiguous copies.
     tensors = {key: tensor.contiguous().clone() for key, tensor in state_dict.items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     config.save_pretrained(out_dir)
 
 
@@ -113,8 +113,9 @@ def _read_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a transformers LLaVA-NeXT directory (weights, config, and the processor when the checkpoint has one)."""
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    """Write a transformers LLaVA-NeXT directory (weights, config, and the processor when the checkpoint has one);
+    `checkpoint_dir` may be a model, checkpoint or run folder."""
+    checkpoint_dir, out_dir = full_model_dir(checkpoint_dir, "--checkpoint"), Path(out_dir)
     config = RiceMllmConfig.from_pretrained(checkpoint_dir)
     llava_config = to_llava_next_config(config)
     weights = rename_keys(_read_weights(checkpoint_dir), KIT_TO_LLAVA_NEXT)

@@ -13,11 +13,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .checkpoint_layout import (
+    adapter_base_dir,
+    attach_adapter,
+    check_model_dir,
+    is_adapter,
+    resolve_model_dir,
+)
 from .data.collate import PaddingCollator
 from .mllm.modeling import RiceMllmForConditionalGeneration
 from .mllm.processing import RiceMllmProcessor
-from .train.checkpoint import resolve_model_dir
-from .train.lora import load_lora_dir, lora_base_dir
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +33,6 @@ SKIP_4BIT = ["vision_tower", "projector", "lm_head"]
 # bitsandbytes' CPU 4-bit kernel (0.50) packs weights in blocks of 64 inputs and 32 outputs; other shapes crash
 # inside its forward with a bare reshape error, so they are refused at load time with the layer's name.
 CPU_4BIT_BLOCK = (32, 64)
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-class CheckpointFormatError(ValueError):
-    """A directory that is not a loadable kit checkpoint."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -69,30 +69,13 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def check_checkpoint_dir(checkpoint: Path) -> None:
-    """Raise CheckpointFormatError (saying what the directory is instead) unless it holds a kit checkpoint:
-    a full model (config.json) or a LoRA adapter whose base model directory still exists, with its processor."""
-    if not checkpoint.is_dir():
-        raise CheckpointFormatError(f"no such checkpoint directory: {checkpoint}")
-    if (checkpoint / ADAPTER_CONFIG).is_file():
-        base = Path(lora_base_dir(str(checkpoint)))
-        if not (base / "config.json").is_file():
-            raise CheckpointFormatError(f"{checkpoint} is a LoRA adapter over {base}, which holds no model any more")
-        required = ["processor_config.json"]
-    else:
-        required = ["config.json", "processor_config.json"]
-    missing = [name for name in required if not (checkpoint / name).is_file()]
-    if missing:
-        raise CheckpointFormatError(f"{checkpoint} is not a kit checkpoint: it has no {' or '.join(missing)}")
-
-
 def _load_model(checkpoint: Path, load_4bit: bool, **kwargs) -> RiceMllmForConditionalGeneration:
     """A full checkpoint as is; a LoRA one over the base it names, merged (unless 4-bit: NF4 weights cannot
     absorb the adapter, so it stays attached)."""
-    if not (checkpoint / ADAPTER_CONFIG).is_file():
+    if not is_adapter(checkpoint):
         return RiceMllmForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
-    base = RiceMllmForConditionalGeneration.from_pretrained(lora_base_dir(str(checkpoint)), **kwargs)
-    adapted = load_lora_dir(base, str(checkpoint))
+    base = RiceMllmForConditionalGeneration.from_pretrained(adapter_base_dir(checkpoint), **kwargs)
+    adapted = attach_adapter(base, checkpoint)
     return adapted.get_base_model() if load_4bit else adapted.merge_and_unload()
 
 
@@ -126,16 +109,12 @@ def load_for_inference(
             vision tower, projector, `image_newline` and LM head stay in `dtype` (see SKIP_4BIT).
 
     Raises:
-        CheckpointFormatError: not a kit checkpoint (missing directory or configs, LoRA adapter without its base).
+        CheckpointFormatError: not a kit checkpoint (missing folder or configs, damaged weights, LoRA adapter
+            without its base, model and processor geometries that disagree).
         CheckpointMismatchError: the weights do not match the config (names the keys).
     """
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():  # a training run or checkpoint folder stands for its (last) model
-        try:
-            checkpoint = resolve_model_dir(checkpoint)
-        except FileNotFoundError:
-            pass  # check_checkpoint_dir says what the folder lacks
-    check_checkpoint_dir(checkpoint)
+    checkpoint = resolve_model_dir(checkpoint)
+    check_model_dir(checkpoint)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
     kwargs: dict = {"dtype": torch_dtype}
@@ -160,16 +139,17 @@ def load_for_inference(
     return model.eval(), processor
 
 
-Conversation = tuple[Sequence[Mapping[str, str]], Sequence[Image.Image]]
+# a prompt: messages whose `<image>` placeholders match the images
+Prompt = tuple[Sequence[Mapping[str, str]], Sequence[Image.Image]]
 
 
 def prepare_inputs(
     processor: RiceMllmProcessor,
-    conversations: Sequence[Conversation],
+    prompts: Sequence[Prompt],
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """Render conversations with an open assistant turn and batch them, left-padded, on the model's device.
+    """Render prompts with an open assistant turn and batch them, left-padded, on the model's device.
 
     Generation appends to the right end of every row, so the rows must end together: padding goes on the left
     (masked by attention_mask; transformers derives positions from the mask, so padding does not shift them).
@@ -177,7 +157,7 @@ def prepare_inputs(
     Returns:
         input_ids, attention_mask [B, T]; pixel_values [tiles, 3, S, S] in `dtype`; image_sizes [images, 2].
     """
-    samples = [processor(messages, images, add_generation_prompt=True) for messages, images in conversations]
+    samples = [processor(messages, images, add_generation_prompt=True) for messages, images in prompts]
     batch = PaddingCollator(processor.pad_token_id)(samples)
     batch.pop("labels")
     lengths = [len(sample["input_ids"]) for sample in samples]
@@ -205,7 +185,7 @@ def generation_settings(processor: RiceMllmProcessor, max_new_tokens: int, tempe
 def answer_batch(
     model: RiceMllmForConditionalGeneration,
     processor: RiceMllmProcessor,
-    conversations: Sequence[Conversation],
+    prompts: Sequence[Prompt],
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -214,15 +194,15 @@ def answer_batch(
     """The assistant's reply to each (messages, images) pair, generated as one left-padded batch.
 
     Args:
-        conversations: per conversation, messages whose `<image>` placeholders match its PIL images.
+        prompts: per prompt, messages whose `<image>` placeholders match its PIL images.
         generate_kwargs: passed to `generate` (e.g. `streamer` for a batch of one, `stopping_criteria`).
 
     Returns:
         One reply per conversation, special tokens removed, surrounding whitespace stripped.
     """
-    if not conversations:
+    if not prompts:
         return []
-    inputs = prepare_inputs(processor, conversations, model.device, model.vision_tower.dtype)
+    inputs = prepare_inputs(processor, prompts, model.device, model.vision_tower.dtype)
     settings = generation_settings(processor, max_new_tokens, temperature, top_p)
     tokens = model.generate(**inputs, **settings, **generate_kwargs)  # [B, new_tokens]
     eos = settings["eos_token_id"]

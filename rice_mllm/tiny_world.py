@@ -13,13 +13,13 @@ import json
 import time
 from pathlib import Path
 
+from .checkpoint_layout import resolve_model_dir
 from .data.sources import load_conversations, open_images
-from .data.synthetic import ensure_generated
+from .data.synthetic import generate
 from .data.synthetic_scene import WorldConfig
 from .eval import main as eval_main
 from .inference import answer, load_for_inference
 from .presets import load_preset
-from .train.checkpoint import resolve_model_dir
 from .train.trainer import main as train_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
     started = time.monotonic()
-    ensure_generated(
+    generate(
         args.out / "data",
         seed=0,
         num_images=args.images,
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         qa_per_image=5,
         progress=True,
         merge_train_qa=True,
+        reuse_existing=True,
     )
     timings = {}
     for stage in PLAN:

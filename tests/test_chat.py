@@ -12,12 +12,12 @@ import zlib
 import bitsandbytes as bnb
 import pytest
 import torch
-from tiny_kit import REPO_ROOT, noise_image, reference_reply, save_tiny_kit
 
 from rice_mllm.chat import ReplyStreamer, main
 from rice_mllm.inference import load_for_inference, prepare_inputs
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
+from tests.fixtures import REPO_ROOT, noise_image, reference_reply, save_tiny_kit
 
 MAX_NEW_TOKENS = 6
 
@@ -143,8 +143,8 @@ def test_prompt_mode_prints_only_the_answer(kit, capsys):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing model", "no such checkpoint directory"),
-        ("not a checkpoint", "is not a kit checkpoint"),
+        ("missing model", "no such checkpoint folder"),
+        ("not a checkpoint", "not a model folder"),
         ("missing image", "no such image"),
         ("corrupt image", "cannot read"),
         (

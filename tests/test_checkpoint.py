@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rice_mllm.train.checkpoint import find_resume_checkpoint, list_checkpoints, resolve_model_dir
+from rice_mllm.checkpoint_layout import CheckpointFormatError, last_checkpoint, list_checkpoints, resolve_model_dir
 from rice_mllm.train.trainer import main
-from tests.toy_mllm import ToyMllm, toy_builders
+from tests.fixtures import ToyMllm, toy_builders
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = str(ROOT / "recipes" / "ds_zero3.json")
@@ -31,7 +31,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def _toy_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.toy_mllm", *args],
+        [sys.executable, "-m", "tests.fixtures", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -55,16 +55,16 @@ def test_tmp_and_incomplete_checkpoints_are_never_picked(tmp_path):
     (tmp_path / "checkpoint-12.tmp" / "trainer_state").mkdir(parents=True)  # a save killed half-way
     (tmp_path / "checkpoint-12.tmp" / "trainer_state" / "state.json").write_text("{}")
     _fake_checkpoint(tmp_path, 14, complete=False)  # a hand-made dir without trainer state
-    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-10"]  # numeric order
-    assert find_resume_checkpoint(tmp_path / "absent") is None
+    assert last_checkpoint(tmp_path / "absent") is None
 
 
 def test_resolve_model_dir_accepts_run_checkpoint_and_model_dirs(tmp_path):
     ckpt = _fake_checkpoint(tmp_path, 3)
     (ckpt / "model" / "config.json").write_text("{}")
     assert resolve_model_dir(tmp_path) == resolve_model_dir(ckpt) == resolve_model_dir(ckpt / "model") == ckpt / "model"
-    with pytest.raises(FileNotFoundError, match="not a model dir"):
+    with pytest.raises(CheckpointFormatError, match="not a model folder"):
         resolve_model_dir(tmp_path / "checkpoint-3" / "trainer_state")
 
 
@@ -93,7 +93,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert max(_losses(run)) < 9 and find_resume_checkpoint(run).name in ("checkpoint-4", "checkpoint-6")
+    assert max(_losses(run)) < 9 and last_checkpoint(run).name in ("checkpoint-4", "checkpoint-6")
 
     resumed = main([f"output_dir={run}", *args], toy_builders(n=12))
     expected, got = _losses(tmp_path / "ref"), _losses(run)
@@ -166,3 +166,29 @@ def test_resume_with_another_batch_geometry_or_other_frozen_weights_is_refused(t
             [f"output_dir={tmp_path}", "optim.max_steps=2", "optim.batch_size=2", "optim.seed=1", "resume=auto"],
             toy_builders(n=8),
         )
+
+
+class _Payload:
+    """A pickled object that, if unpickled, creates a file: what a doctored run folder could run on resume."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_reads_no_pickle(tmp_path):
+    run = tmp_path / "run"
+    args = [f"output_dir={run}", "optim.max_steps=2", "save_steps=1", "optim.batch_size=2", "resume=auto"]
+    main(args, toy_builders(n=8))
+    state = run / "checkpoint-1" / "trainer_state"
+    assert (state / "rng_rank0.safetensors").is_file() and not list(state.glob("*.pt"))
+    shutil.rmtree(run / "checkpoint-2")
+    engine_state = state / "engine" / "engine_state.pt"
+    saved = torch.load(engine_state, weights_only=True)  # tensors and plain values only
+    marker = tmp_path / "code_ran"
+    torch.save({**saved, "micro_steps": _Payload(marker)}, engine_state)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        main(args, toy_builders(n=8))
+    assert not marker.exists()

@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 from PIL import Image
-from tiny_kit import reference_reply, save_tiny_kit
 
 from rice_mllm.data.sources import Conversation, load_conversations
 from rice_mllm.data.synthetic import generate
@@ -14,6 +13,7 @@ from rice_mllm.eval import EvalRecordError, eval_item, exact_match, main, normal
 from rice_mllm.inference import load_for_inference
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
+from tests.fixtures import reference_reply, save_tiny_kit
 
 MAX_NEW_TOKENS = 4
 

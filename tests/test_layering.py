@@ -1,6 +1,9 @@
-"""The library never imports training code: model packages must stay usable without deepspeed, peft or train/."""
+"""Layering: model code never imports training code, and the used-by paths (inference, chat, eval, export, the
+checkpoint layout) load a model without the training package, deepspeed or peft."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rice_mllm"
@@ -10,6 +13,7 @@ MODEL_CODE = [
     *sorted((PACKAGE / "pretrain").glob("*.py")),
     PACKAGE / "loading.py",
 ]
+USED_BY = ["inference", "chat", "eval", "export", "checkpoint_layout"]
 FORBIDDEN = ("deepspeed", "peft", "bitsandbytes", "rice_mllm.train")
 
 
@@ -29,16 +33,37 @@ def _imported_modules(source: str, package: str) -> list[str]:
     return names
 
 
-def test_model_code_imports_no_training_code():
-    offenders = [
+def _offenders(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    return [
         f"{path.relative_to(PACKAGE.parent)} imports {name}"
-        for path in MODEL_CODE
-        if path.exists()
+        for path in paths
         for name in _imported_modules(path.read_text(), ".".join(path.relative_to(PACKAGE.parent).parts[:-1]))
-        if name.split(".")[0] in FORBIDDEN or name.startswith(FORBIDDEN)
+        if name.split(".")[0] in forbidden or name.startswith(forbidden)
     ]
-    assert not offenders, offenders
-    assert any(path.exists() for path in MODEL_CODE)
+
+
+def test_model_code_imports_no_training_code():
+    assert all(path.exists() for path in MODEL_CODE)
+    assert not _offenders(MODEL_CODE, FORBIDDEN)
+
+
+def test_used_by_code_imports_nothing_from_the_training_package():
+    """peft and bitsandbytes may be imported where a LoRA or 4-bit model is loaded; the trainer never."""
+    assert not _offenders([PACKAGE / f"{name}.py" for name in USED_BY], ("rice_mllm.train",))
+
+
+def test_model_code_list_covers_every_model_module():
+    listed = {path.name for path in MODEL_CODE if path.parent.name == "pretrain"}
+    assert {"modeling.py", "clusters.py", "region_data.py", "region_head.py", "losses.py"} <= listed
+
+
+def test_used_by_paths_load_nothing_of_training():
+    """Imported in a fresh interpreter: what chat and eval pull in, transitively, must not include training code."""
+    imports = "; ".join(f"import rice_mllm.{name}" for name in USED_BY)
+    training = ("rice_mllm.train", "peft", "deepspeed")
+    probe = f"import sys; {imports}; print(sorted(m for m in sys.modules if m.startswith({training!r})))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_scanner_resolves_relative_imports():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import IMAGE_TOKEN_ID, tiny_mllm_config
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
 from rice_mllm.constants import CLIP_MEAN, CLIP_STD
@@ -21,6 +20,7 @@ from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 from rice_mllm.mllm.modeling import ImageTokenMismatchError, RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
+from tests.fixtures import TINY_IMAGE_TOKEN_ID, tiny_mllm_config
 
 
 def _sample_ids(num_tokens_per_image: list[int], length: int, generator: torch.Generator) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _sample_ids(num_tokens_per_image: list[int], length: int, generator: torch.G
     ids = torch.randint(6, 100, (length,), generator=generator)
     position = 1
     for count in num_tokens_per_image:
-        ids[position : position + count] = IMAGE_TOKEN_ID
+        ids[position : position + count] = TINY_IMAGE_TOKEN_ID
         position += count + 3
     assert position <= length
     return ids
@@ -64,7 +64,7 @@ MIXED = [[], [(30, 50)], [(60, 20), (28, 100)]]  # text-only, one image, two ima
 def test_mixed_batch_trains_every_part():
     model = RiceMllmForConditionalGeneration(tiny_mllm_config()).train()
     batch = _batch(model, MIXED)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == TINY_IMAGE_TOKEN_ID, -100)
     labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
     out = model(**batch, labels=labels)
     assert torch.isfinite(out.loss)
@@ -256,7 +256,7 @@ def test_export_refuses_what_llava_next_does_not_reproduce(setting):
 def test_gradient_checkpointing_gives_equal_loss_and_gradients():
     model = RiceMllmForConditionalGeneration(tiny_mllm_config()).train()
     batch = _batch(model, MIXED, seed=3)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == TINY_IMAGE_TOKEN_ID, -100)
 
     def loss_and_grads():
         model.zero_grad()

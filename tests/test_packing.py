@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny import tiny_mllm_config
 
 from rice_mllm.constants import IGNORE_INDEX
 from rice_mllm.data.collate import PaddingCollator
@@ -18,6 +17,7 @@ from rice_mllm.data.packing import (
 )
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+from tests.fixtures import tiny_mllm_config
 
 CONVERSATIONS = [
     ([{"role": "user", "content": "<image>\n<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}], 2),

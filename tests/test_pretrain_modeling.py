@@ -95,7 +95,7 @@ def test_loss_decreases_on_a_fixed_batch(batch):
 
 def test_stage0_artefact_is_the_plain_encoder(batch, tmp_path):
     model = _model()
-    model.save_encoder(tmp_path / "enc")
+    model.save_pretrained(tmp_path / "enc")
     keys = set(load_file(tmp_path / "enc" / "model.safetensors"))
     # MLCD layout, no head or centre tensors.
     assert keys == set(model.encoder.state_dict()) and all(k.startswith("vision_model.") for k in keys)

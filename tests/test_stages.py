@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rice_mllm.train.stages import STAGES, apply_stage, get_stage, parameter_table
-from tests.toy_mllm import ToyDataset, ToyMllm, ToyMllmConfig, collate
+from tests.fixtures import ToyDataset, ToyMllm, ToyMllmConfig, collate
 
 
 def _changed_after_step(model, groups) -> set[str]:

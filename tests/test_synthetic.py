@@ -202,18 +202,18 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert b"tIME" not in png and b"tEXt" not in png  # no timestamp or metadata chunks
 
 
-def test_ensure_generated_reuses_only_a_matching_world(tmp_path):
-    first = synthetic.ensure_generated(tmp_path, seed=1, num_images=2, num_heldout=1)
+def test_generate_reuses_only_a_matching_world(tmp_path):
+    first = synthetic.generate(tmp_path, seed=1, num_images=2, num_heldout=1, reuse_existing=True)
     stamp = (tmp_path / "manifest.json").stat().st_mtime_ns
     image = (tmp_path / "images/train/000000.png").read_bytes()
-    assert synthetic.ensure_generated(tmp_path, seed=1, num_images=2, num_heldout=1) == first
+    assert synthetic.generate(tmp_path, seed=1, num_images=2, num_heldout=1, reuse_existing=True) == first
     assert (tmp_path / "manifest.json").stat().st_mtime_ns == stamp
-    second = synthetic.ensure_generated(tmp_path, seed=2, num_images=2, num_heldout=1)
+    second = synthetic.generate(tmp_path, seed=2, num_images=2, num_heldout=1, reuse_existing=True)
     assert second["args"]["seed"] == 2 and (tmp_path / "images/train/000000.png").read_bytes() != image
     # a world an older generator wrote (same arguments, earlier text) is regenerated, not reused
     stale = {**second, "version": second["version"] - 1}
     (tmp_path / "manifest.json").write_text(json.dumps(stale))
-    assert synthetic.ensure_generated(tmp_path, seed=2, num_images=2, num_heldout=1) == second
+    assert synthetic.generate(tmp_path, seed=2, num_images=2, num_heldout=1, reuse_existing=True) == second
     assert json.loads((tmp_path / "manifest.json").read_text())["version"] == second["version"]
 
 

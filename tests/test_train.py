@@ -16,14 +16,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from rice_mllm.data.packing import LengthGroupedSampler
-from rice_mllm.train import trainer
+from rice_mllm.train import data_order
 from rice_mllm.train.config import TrainConfig, load_config, save_config
 from rice_mllm.train.engine import load_deepspeed_config
 from rice_mllm.train.lora import inject_lora
 from rice_mllm.train.merge import main as merge_main
 from rice_mllm.train.stages import apply_stage, get_stage
 from rice_mllm.train.trainer import main
-from tests.toy_mllm import ToyDataset, ToyMllm, ToyMllmConfig, collate, toy_builders
+from tests.fixtures import ToyDataset, ToyMllm, ToyMllmConfig, collate, toy_builders
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["stage0_rice_pretrain", "stage1_align", "stage2_instruct", "finetune_lora"]
@@ -273,7 +273,7 @@ def test_recipes_on_the_tiny_world_stage1_then_lora_then_merge(tmp_path):
     trained = load_file(Path(lora) / "model" / "non_lora_trainables.safetensors")
     assert torch.equal(merged.state_dict()["projector.linear_1.weight"], trained["projector.linear_1.weight"])
     assert not torch.equal(trained["projector.linear_1.weight"], before.state_dict()["projector.linear_1.weight"])
-    with pytest.raises(ValueError, match="merge it first"):  # an adapter is not a base to start a stage from
+    with pytest.raises(SystemExit, match="merge it first"):  # an adapter is not a base to start a stage from
         main(
             [
                 "--config",
@@ -345,9 +345,9 @@ def test_grouped_epoch_order_gives_every_rank_similar_lengths_and_equal_steps(mo
     micro = 4
     orders = []
     for rank in range(ranks):
-        monkeypatch.setattr(trainer, "world_size", lambda: ranks)
-        monkeypatch.setattr(trainer, "rank", lambda rank=rank: rank)
-        orders.append(trainer.grouped_epoch_indices(lengths, micro, seed=5, epoch=2))
+        monkeypatch.setattr(data_order, "world_size", lambda: ranks)
+        monkeypatch.setattr(data_order, "rank", lambda rank=rank: rank)
+        orders.append(data_order.grouped_epoch_indices(lengths, micro, seed=5, epoch=2))
     full = len(lengths) // (micro * ranks)  # whole global batches; the remainder is dropped, as in the plain order
     assert all(len(order) == full * micro for order in orders)
     everything = [i for order in orders for i in order]
@@ -402,14 +402,14 @@ def _changed_parts(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
 def test_stage1_recipe_changes_only_the_projector_and_stage2_also_the_llm(tmp_path):
     """The real recipes on the tiny world: compare every tensor with the weights the stage started from."""
     from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
-    from rice_mllm.train.builders import build_model, build_processor
+    from rice_mllm.train.builders import build_model, run_processor
     from rice_mllm.train.trainer import set_seed
 
     args = _tiny_world_args(tmp_path, "s1", "captions_train.json")
     stage1 = main(["--config", str(ROOT / "recipes/stage1_align.yaml"), *args])
     config = load_config(ROOT / "recipes/stage1_align.yaml", args)
     set_seed(config.optim.seed)  # the trainer's initialisation, replayed
-    initial = build_model(config, build_processor(config)).state_dict()
+    initial = build_model(config, run_processor(config)).state_dict()
     after_stage1 = RiceMllmForConditionalGeneration.from_pretrained(Path(stage1) / "model").state_dict()
     assert _changed_parts(initial, after_stage1) == {"projector", "image_newline"}
 

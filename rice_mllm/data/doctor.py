@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
+from rice_mllm.checkpoint_layout import PROCESSOR_CONFIG_FILE, CheckpointFormatError, resolve_model_dir
 from rice_mllm.constants import IGNORE_INDEX
 from rice_mllm.data.sources import (
     Conversation,
@@ -27,19 +27,21 @@ from rice_mllm.data.sources import (
     open_image,
     parse_record,
 )
-from rice_mllm.mllm.anyres import AnyresGeometry, make_grid_pinpoints
-from rice_mllm.mllm.image_processing import RiceImageProcessor
-from rice_mllm.mllm.processing import (
-    ImagePlaceholderError,
-    RiceMllmProcessor,
-    SampleTooLongError,
-    add_image_token,
-    count_placeholders,
-)
+from rice_mllm.mllm.anyres import DEFAULT_MAX_TILES, DEFAULT_MULTI_IMAGE_TILING
+from rice_mllm.mllm.assembly import build_processor
+from rice_mllm.mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError, count_placeholders
+from rice_mllm.presets import load_preset
 
 # Tokenizer used when neither --processor nor --tokenizer is given (None: one of them is required).
 DEFAULT_TOKENIZER: str | None = None
-GEOMETRY_DEFAULTS = {"tile_size": 336, "patch_size": 14, "max_tiles": 4, "multi_image_tiling": "anyres"}
+# Without --processor the geometry is LLaVA-NeXT's: the 336 px tower and the kit's anyres defaults.
+_TOWER = load_preset("rice-vit-l14-336")
+GEOMETRY_DEFAULTS = {
+    "tile_size": _TOWER["image_size"],
+    "patch_size": _TOWER["patch_size"],
+    "max_tiles": DEFAULT_MAX_TILES,
+    "multi_image_tiling": DEFAULT_MULTI_IMAGE_TILING,
+}
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `data check`: the sources, and flags that build the processor whose rendering is checked."""
     parser.add_argument("files", nargs="+", help=".json / .jsonl LLaVA files or datasets.save_to_disk folders")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--processor", help="folder written by RiceMllmProcessor.save_pretrained")
+    parser.add_argument("--processor", help="a processor folder, or a model's model, checkpoint or run folder")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder or hub id (no --processor)")
     parser.add_argument("--tile-size", type=int, help=f"without --processor; default {GEOMETRY_DEFAULTS['tile_size']}")
     parser.add_argument(
@@ -190,33 +192,33 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (overrides the processor's)")
 
 
-def build_processor(args: argparse.Namespace) -> RiceMllmProcessor:
-    """A saved processor (--processor), or one made from --tokenizer and the geometry flags."""
+def processor_from_args(args: argparse.Namespace) -> RiceMllmProcessor:
+    """A model's saved processor (--processor), or one made from --tokenizer and the geometry flags."""
     geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles")}
     if args.processor:
         given = sorted(f"--{key.replace('_', '-')}" for key, value in geometry_flags.items() if value is not None)
         given += ["--tokenizer"] if args.tokenizer not in (None, DEFAULT_TOKENIZER) else []
         if given:
             raise SystemExit(f"data check: {given} conflict with --processor, whose saved geometry is used")
-        processor = RiceMllmProcessor.from_pretrained(args.processor)
+        folder = Path(args.processor)
+        try:
+            if not (folder / PROCESSOR_CONFIG_FILE).is_file():  # a bare processor folder, or one beside a model
+                folder = resolve_model_dir(folder)
+            processor = RiceMllmProcessor.from_pretrained(folder)
+        except (CheckpointFormatError, FileNotFoundError) as error:
+            raise SystemExit(f"data check: --processor: {error}") from None
         if args.max_length is not None:
             processor.max_length = args.max_length
         return processor
     if not args.tokenizer:
         raise SystemExit("data check: give --processor DIR or --tokenizer DIR")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    add_image_token(tokenizer)
     flags = {key: GEOMETRY_DEFAULTS.get(key) if value is None else value for key, value in geometry_flags.items()}
-    pinpoints = make_grid_pinpoints(flags["tile_size"], flags["max_tiles"])
-    geometry = AnyresGeometry(
-        flags["tile_size"], flags["patch_size"], pinpoints, flags["max_grid_tiles"], flags["multi_image_tiling"]
-    )
-    return RiceMllmProcessor(tokenizer, RiceImageProcessor(geometry), max_length=args.max_length)
+    return build_processor(args.tokenizer, max_length=args.max_length, **flags)
 
 
 def run_check(args: argparse.Namespace) -> int:
     """Check every source in args.files, print problems and the summary; 1 if any problem, else 0."""
-    processor = build_processor(args)
+    processor = processor_from_args(args)
     report = DataReport()
     for path in args.files:
         check_source(path, processor, report, progress=not args.no_progress)

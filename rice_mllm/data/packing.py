@@ -15,10 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from rice_mllm.constants import IGNORE_INDEX
-
-
-class SampleTooLongError(ValueError):
-    """A sample does not fit in one packed row; it is refused rather than truncated (a cut could split an image)."""
+from rice_mllm.mllm.processing import SampleTooLongError
 
 
 def _check_lengths(lengths: Sequence[int], max_tokens: int, indices: Sequence[int]) -> None:

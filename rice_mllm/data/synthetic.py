@@ -36,8 +36,8 @@ from rice_mllm.data.synthetic_text import (
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
-# Bumped whenever the same arguments would give different files, so that `ensure_generated` regenerates a world an
-# older generator wrote instead of training on its stale text (git history has what each version changed).
+# Bumped whenever the same arguments would give different files, so that `reuse_existing` regenerates a world an older
+# generator wrote instead of training on its stale text (git history has what each version changed).
 GENERATOR_VERSION = 11
 # Text-only and two-image records per image of the split, rounded up. Text records ask TEXT_ONLY_TURNS different
 # questions each: held-out sums wanted more records, not longer ones. The held-out split holds more of both, so their
@@ -232,6 +232,7 @@ def generate(
     qa_per_image: int = 3,
     progress: bool = False,
     merge_train_qa: bool = False,
+    reuse_existing: bool = False,
 ) -> dict:
     """Write the tiny world: both splits, then the manifest (last, so its presence marks a complete world).
 
@@ -245,15 +246,21 @@ def generate(
         progress: show a tqdm bar per split.
         merge_train_qa: train QA and caption as one multi-turn record per image (`build_split`'s merge_qa);
             held-out QA stays one record per question type, so evaluation reports every type.
+        reuse_existing: write nothing when `out_dir/manifest.json` records this generator version and these exact
+            arguments. Not safe from several processes at once: in distributed runs call it on rank 0, then barrier.
 
     Returns:
         The manifest written to `out_dir/manifest.json`: {"generator", "args", "splits": {split: {"images", "regions",
         "captions", "qa", "num_images", "num_qa"}}}, file names relative to `out_dir`.
     """
     out = Path(out_dir)
+    arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa)
+    if reuse_existing and (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("version") == GENERATOR_VERSION and manifest.get("args") == arguments:
+            return manifest
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not leave a manifest vouching for old files
-    arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa)
     manifest: dict = {"generator": __name__, "version": GENERATOR_VERSION, "args": arguments, "splits": {}}
     for split, count in zip(SPLITS, (num_images, num_heldout), strict=True):
         records = build_split(seed, split, count, config, qa_per_image, merge_qa=merge_train_qa and split == "train")
@@ -261,30 +268,6 @@ def generate(
         manifest["splits"][split] = {**split_files(split), "num_images": count, "num_qa": len(records.qa)}
     _write_json(out / MANIFEST, manifest)
     return manifest
-
-
-def ensure_generated(
-    out_dir: str | Path,
-    seed: int = 0,
-    num_images: int = 256,
-    num_heldout: int = 64,
-    config: WorldConfig = DEFAULT_WORLD,
-    qa_per_image: int = 3,
-    progress: bool = False,
-    merge_train_qa: bool = False,
-) -> dict:
-    """`generate` unless `out_dir/manifest.json` records this generator version and these exact arguments; returns
-    the manifest.
-
-    Not safe to call from several processes at once: in distributed runs call it on rank 0, then barrier.
-    """
-    path = Path(out_dir) / MANIFEST
-    if path.is_file():
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        arguments = _arguments(seed, num_images, num_heldout, config, qa_per_image, merge_train_qa)
-        if manifest.get("version") == GENERATOR_VERSION and manifest.get("args") == arguments:
-            return manifest
-    return generate(out_dir, seed, num_images, num_heldout, config, qa_per_image, progress, merge_train_qa)
 
 
 def main(argv: list[str] | None = None) -> dict:

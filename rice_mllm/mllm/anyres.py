@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 Size = tuple[int, int]  # (height, width)
 MULTI_IMAGE_TILINGS = ("anyres", "base")
+# The kit's defaults, restated nowhere else: LLaVA-NeXT's "up to 2x2+1" grids, and every image of a sample tiled.
+DEFAULT_MAX_TILES = 4
+DEFAULT_MULTI_IMAGE_TILING = "anyres"
 
 
 def _as_size(image_size) -> Size:
@@ -45,7 +48,7 @@ class AnyresGeometry:
     patch_size: int
     image_grid_pinpoints: tuple[Size, ...] = field(default=())
     max_grid_tiles: int | None = None
-    multi_image_tiling: str = "anyres"
+    multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
 
     def __post_init__(self) -> None:
         if self.tile_size <= 0 or self.patch_size <= 0 or self.tile_size % self.patch_size:
@@ -97,7 +100,7 @@ class AnyresGeometry:
         return cls(**data)
 
 
-def make_grid_pinpoints(tile_size: int, max_tiles: int = 4, min_tiles: int = 1) -> list[Size]:
+def make_grid_pinpoints(tile_size: int, max_tiles: int = DEFAULT_MAX_TILES, min_tiles: int = 1) -> list[Size]:
     """All canvases of `rows x cols` tiles with min_tiles <= rows*cols <= max_tiles, rows-major order.
 
     E.g. tile 336, max 4: 1x1, 1x2, 1x3, 1x4, 2x1, 2x2, 3x1, 4x1 (as pixel sizes). Replaces the

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from ..presets import PRESET_DIR, list_presets, load_preset
 from ..vision import RiceVisionConfig, RiceVisionModel
-from .anyres import AnyresGeometry, make_grid_pinpoints
+from .anyres import DEFAULT_MAX_TILES, DEFAULT_MULTI_IMAGE_TILING, AnyresGeometry, make_grid_pinpoints
 from .configuration import RiceMllmConfig
 from .image_processing import RiceImageProcessor
 from .modeling import RiceMllmForConditionalGeneration
@@ -26,10 +26,10 @@ def build_processor(
     tokenizer: str | Path,
     tile_size: int,
     patch_size: int = 14,
-    max_tiles: int = 4,
+    max_tiles: int = DEFAULT_MAX_TILES,
     max_grid_tiles: int | None = None,
     max_length: int | None = None,
-    multi_image_tiling: str = "anyres",
+    multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING,
 ) -> RiceMllmProcessor:
     """A processor over `tokenizer` (directory or hub id; `<image>` added if missing) with anyres geometry.
 

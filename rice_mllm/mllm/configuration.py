@@ -7,7 +7,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..presets import load_preset
 from ..vision import RiceVisionConfig
-from .anyres import make_grid_pinpoints
+from .anyres import DEFAULT_MULTI_IMAGE_TILING, make_grid_pinpoints
 
 
 class RiceMllmConfig(PreTrainedConfig):
@@ -40,13 +40,13 @@ class RiceMllmConfig(PreTrainedConfig):
     vision_feature_layer: int = -2
     projector_hidden_act: str = "gelu"
     max_grid_tiles: int | None = None
-    multi_image_tiling: str = "anyres"
+    multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.image_grid_pinpoints is None:  # LLaVA-NeXT's "up to 2x2+1 tiles": every grid of at most 4 tiles
-            self.image_grid_pinpoints = [list(size) for size in make_grid_pinpoints(self.vision_config.image_size, 4)]
+        if self.image_grid_pinpoints is None:
+            self.image_grid_pinpoints = [list(size) for size in make_grid_pinpoints(self.vision_config.image_size)]
 
     @classmethod
     def from_presets(cls, vision: str, text: str, **kwargs) -> RiceMllmConfig:

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from rice_mllm.checkpoint_layout import IMAGE_PROCESSOR_CONFIG_FILE
 from rice_mllm.constants import CLIP_MEAN, CLIP_STD
 from rice_mllm.mllm.anyres import AnyresGeometry, fit_size, select_best_resolution
 
-CONFIG_NAME = "image_processor_config.json"
+CONFIG_NAME = IMAGE_PROCESSOR_CONFIG_FILE
 RESAMPLERS = ("torch", "pil")
 
 

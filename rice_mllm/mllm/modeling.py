@@ -8,13 +8,16 @@ every image is (LLaVA-NeXT).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..loading import resolve_checkpoint_dir, verify_checkpoint_dir
+from ..checkpoint_layout import resolve_checkpoint_dir
+from ..loading import verify_checkpoint_dir
 from ..vision import RiceVisionModel
 from .anyres import AnyresGeometry, num_tiles, pack_image_features
 from .configuration import RiceMllmConfig
@@ -42,6 +45,13 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
     base_model_prefix = ""
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # stage-table part names -> attributes (LLaVA-NeXT's four trainable parts)
+    parts: ClassVar[dict[str, str]] = {
+        "vision": "vision_tower",
+        "projector": "projector",
+        "newline": "image_newline",
+        "llm": "language_model",
+    }
     _no_split_modules = ["RiceEncoderLayer", "Qwen2DecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -103,6 +113,10 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         ]
         prefixes.append("vision_tower.vision_model.post_layernorm.")
         return [name for name, _ in self.named_parameters() if name.startswith(tuple(prefixes))]
+
+    def sharded_parameter_names(self) -> list[str]:
+        """None: every parameter is the same on every rank."""
+        return []
 
     def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, S, S] -> [tiles, N*N, D_vision]: hidden state `vision_feature_layer`, CLS dropped."""

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from rice_mllm.checkpoint_layout import PROCESSOR_CONFIG_FILE
 from rice_mllm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from rice_mllm.mllm.anyres import Size, num_image_tokens
 from rice_mllm.mllm.chat_template import CHAT_TEMPLATE, render_chat
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 
-CONFIG_NAME = "processor_config.json"
+CONFIG_NAME = PROCESSOR_CONFIG_FILE
 
 
 class ImagePlaceholderError(ValueError):

@@ -1,10 +1,14 @@
 """RicePretrainModel: RICE-ViT + region transformer + cluster discrimination losses (stage 0, DESIGN.md section 4).
 
-Only the encoder is the stage-0 artefact (`save_encoder`, MLCD layout); the head and class centres are trainer state.
+Only the encoder is the stage-0 artefact (`save_pretrained` writes it alone, MLCD layout); the head and class
+centres are trainer state.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -16,27 +20,39 @@ from rice_mllm.vision import RiceVisionConfig, RiceVisionModel
 
 
 @dataclass
-class RegionPretrainConfig:
-    """Stage-0 head and loss settings (paper values as defaults).
+class RegionLossSettings:
+    """Stage-0 head and loss settings, the paper's values as defaults (the training config's `pretrain` section
+    extends this class, so each default lives here only).
 
     Attributes:
-        num_clusters: K object clusters (the labelling command's --num-clusters).
-        vocab_size: OCR classes = the LLM tokenizer's vocabulary size; 0 disables the OCR loss.
         embed_dim: E of the region embeddings and class centres; None: the encoder's hidden size (the paper gives
             no value).
         scale, margin: s and m of both losses.
-        sample_ratio, ocr_sample_ratio: PartialFC rho of the object and OCR losses.
+        sample_ratio, ocr_sample_ratio: PartialFC rho (share of class centres scored per step) of the object and OCR
+            losses.
         ocr_loss_weight: weight of the OCR loss in the total.
     """
 
-    num_clusters: int
-    vocab_size: int = 0
     embed_dim: int | None = None
     scale: float = 64.0
     margin: float = 0.3
     sample_ratio: float = 0.1
     ocr_sample_ratio: float = 0.1
     ocr_loss_weight: float = 1.0
+
+
+@dataclass(kw_only=True)
+class RegionPretrainConfig(RegionLossSettings):
+    """The settings plus the class counts, which come from the data: K object clusters (the labelling command's
+    --num-clusters) and the OCR classes, the LLM tokenizer's vocabulary size (0 disables the OCR loss)."""
+
+    num_clusters: int
+    vocab_size: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: RegionLossSettings, num_clusters: int, vocab_size: int) -> RegionPretrainConfig:
+        shared = {field.name: getattr(settings, field.name) for field in fields(RegionLossSettings)}
+        return cls(num_clusters=num_clusters, vocab_size=vocab_size, **shared)
 
 
 @dataclass
@@ -59,6 +75,15 @@ class RicePretrainModel(nn.Module):
         config: head and loss settings.
     """
 
+    # stage-table part names -> attributes: the encoder, the region head and the class centres of both losses
+    parts: ClassVar[dict[str, str]] = {
+        "encoder": "encoder",
+        "region_head": "region_head",
+        "object_centres": "object_loss",
+        "ocr_centres": "ocr_loss",
+    }
+    supports_gradient_checkpointing: ClassVar[bool] = False
+
     def __init__(self, vision_config: RiceVisionConfig, config: RegionPretrainConfig) -> None:
         super().__init__()
         self.config = config
@@ -76,20 +101,25 @@ class RicePretrainModel(nn.Module):
         )
 
     @classmethod
-    def from_encoder(cls, encoder_dir: str | Path, config: RegionPretrainConfig) -> "RicePretrainModel":
+    def from_encoder(cls, encoder_dir: str | Path, config: RegionPretrainConfig) -> RicePretrainModel:
         """Start from a saved encoder (e.g. the 560 px finetune from the 224 px run); head and centres are new."""
         encoder = RiceVisionModel.from_pretrained(encoder_dir)
         model = cls(encoder.config, config)
         model.encoder = encoder
         return model
 
+    def unused_parameter_names(self) -> list[str]:
+        """None: every parameter reaches the loss (the encoder's post_layernorm feeds the region transformer)."""
+        return []
+
     def sharded_parameter_names(self) -> list[str]:
         """Names of the class-centre parameters, whose rows differ per rank: keep them out of DDP/ZeRO gradient
         averaging and save them per rank (trainer state), unlike every other parameter."""
         return [name for name, _ in self.named_parameters() if name.startswith(("object_loss.", "ocr_loss."))]
 
-    def save_encoder(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the stage-0 artefact: the plain encoder in the MLCD layout (config.json + model.safetensors).
+    def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the stage-0 artefact, the plain encoder in the MLCD layout (config.json + model.safetensors), so a
+        stage-0 checkpoint's `model/` is a `model.vision` for stage 1; head and centres stay in trainer state.
 
         Args:
             out_dir: the folder to write.
@@ -98,10 +128,6 @@ class RicePretrainModel(nn.Module):
         if state_dict is not None:
             state_dict = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         self.encoder.save_pretrained(out_dir, state_dict=state_dict)
-
-    # The checkpoint protocol of the trainer (`model/` of every checkpoint): the released artefact, i.e. the encoder
-    # alone, so a stage-0 run dir is a `model.vision` for stage 1; head and centres stay in trainer state.
-    save_pretrained = save_encoder
 
     def region_embeddings(
         self, pixel_values: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor | None = None

@@ -1,7 +1,7 @@
-"""What a training run is built from: processor, model, dataset and collator, each from the TrainConfig.
+"""What a training run is built from: its inputs (the processor), model, dataset and collator, each from the config.
 
 The trainer reaches the model, processor and data only through these four functions (bundled in `Builders`, which
-tests replace to run the same loop on other models). Invariant: building is deterministic given the seed.
+stage 0 and tests replace to run the same loop on other models). Invariant: building is deterministic given the seed.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ from typing import Any
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..checkpoint_layout import check_model_dir, full_model_dir, resolve_model_dir
 from ..data.collate import PaddingCollator
 from ..data.dataset import ConversationDataset
 from ..data.packing import PackingCollator
 from ..data.sources import Conversation, conversation_from_raw, iter_raw_records, load_conversations, parse_record
-from ..mllm.assembly import TINY_TOKENIZER, assemble_model
-from ..mllm.assembly import build_processor as assemble_processor
+from ..mllm.assembly import TINY_TOKENIZER, assemble_model, build_processor
 from ..mllm.modeling import RiceMllmForConditionalGeneration
 from ..mllm.processing import RiceMllmProcessor
 from ..presets import list_presets, load_preset
 from ..vision import RiceVisionModel
-from .checkpoint import resolve_model_dir
 from .config import TrainConfig
 from .engine import barrier, rank
 
@@ -33,12 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 def _init_dir(config: TrainConfig) -> Path:
-    model_dir = resolve_model_dir(config.model.init_from)
-    if (model_dir / "adapter_config.json").is_file():
-        raise ValueError(
-            f"model.init_from={config.model.init_from} is a LoRA adapter: merge it first "
-            f"(python -m rice_mllm.train.merge {config.model.init_from} MERGED_DIR) and start from MERGED_DIR"
-        )
+    """The full model folder `model.init_from` names, checked (intact weights, one tiling geometry)."""
+    model_dir = full_model_dir(config.model.init_from, "model.init_from")
+    check_model_dir(model_dir)
     return model_dir
 
 
@@ -61,15 +57,15 @@ def prepare_tiny_world(config: TrainConfig) -> None:
     """Generate the kit's tiny world into `data.tiny_world` (when set and not already there), on rank 0."""
     d = config.data
     if d.tiny_world is not None:
-        from ..data.synthetic import ensure_generated
+        from ..data.synthetic import generate
 
         if rank() == 0:  # the generator is not safe to run from several processes at once
             # the world's own seed stays fixed: a training seed must not regenerate the data other stages use
-            ensure_generated(d.tiny_world, num_images=d.tiny_world_images)
+            generate(d.tiny_world, num_images=d.tiny_world_images, reuse_existing=True)
         barrier()
 
 
-def build_processor(config: TrainConfig) -> RiceMllmProcessor:
+def run_processor(config: TrainConfig) -> RiceMllmProcessor:
     """The checkpoint's processor (`model.init_from`), else one over `model.tokenizer` with the tower's tile size.
 
     `data.max_length` always applies: longer samples are refused by the processor, never truncated.
@@ -83,7 +79,7 @@ def build_processor(config: TrainConfig) -> RiceMllmProcessor:
         vision = load_preset(source)
     else:
         vision = RiceVisionModel.config_class.from_pretrained(source).to_dict()
-    return assemble_processor(
+    return build_processor(
         llm_tokenizer(config),
         vision["image_size"],
         vision["patch_size"],
@@ -143,9 +139,13 @@ def build_collator(config: TrainConfig, processor: RiceMllmProcessor) -> Callabl
 
 @dataclass(frozen=True)
 class Builders:
-    """The four integration points, injectable so tests (and other models) run the same loop."""
+    """The four integration points, injectable so stage 0 and tests run the same loop.
 
-    processor: Callable[[TrainConfig], Any] = build_processor
+    `inputs` builds what the model, dataset and collator are built from: the processor here, stage 0's RegionInputs.
+    Inputs with `save_pretrained` (contract.SavedWithModel) are saved in every checkpoint's model folder.
+    """
+
+    inputs: Callable[[TrainConfig], Any] = run_processor
     model: Callable[[TrainConfig, Any], nn.Module] = build_model
     dataset: Callable[[TrainConfig, Any], Dataset] = build_dataset
     collator: Callable[[TrainConfig, Any], Callable] = build_collator

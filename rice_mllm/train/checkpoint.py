@@ -1,7 +1,8 @@
-"""Atomic, self-contained training checkpoints and `resume: auto`.
+"""Atomic, self-contained training checkpoints, in the layout of `checkpoint_layout`.
 
-Invariant: a save goes into `checkpoint-N.tmp`, is fsynced, then renamed, so a dir named `checkpoint-N` is complete
-and a crash mid-save leaves only a `.tmp` that is never picked. All ranks write one dir: use a shared filesystem.
+Invariant: a save goes into `checkpoint-N.tmp`, is fsynced, then renamed, so a folder named `checkpoint-N` is complete
+and a crash mid-save leaves only a `.tmp` that is never picked. All ranks write one folder: use a shared filesystem.
+Nothing the kit writes is a pickle: a doctored run folder cannot run code on resume.
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from ..checkpoint_layout import (
+    MODEL_DIR,
+    RUN_CONFIG_FILE,
+    STATE_FILE,
+    TRAINER_STATE_DIR,
+    checkpoint_dir_name,
+    list_checkpoints,
+)
 from .config import TrainConfig, save_config
 from .engine import barrier, full_state_dict, rank, world_size
 from .lora import save_lora_dir
@@ -24,40 +33,7 @@ from .stages import unwrap
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _ENGINE_TAG = "engine"
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest step first (`.tmp` and other names ignored)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "trainer_state" / "state.json").is_file()]
-
-
-def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The last complete checkpoint of a run, or None when there is none (`resume: auto`)."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """Model dir from a model dir, a checkpoint dir, or a run dir (its last checkpoint).
-
-    Raises:
-        FileNotFoundError: `path` is none of the three.
-    """
-    p = Path(path)
-    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
-        return p
-    if (p / "model").is_dir():
-        return p / "model"
-    last = find_resume_checkpoint(p)
-    if last is None:
-        raise FileNotFoundError(f"{p}: not a model dir (config.json), a checkpoint dir (model/) or a run dir")
-    return last / "model"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -73,17 +49,70 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Delete a checkpoint so that a crash mid-delete never leaves a dir with a valid name."""
+    """Delete a checkpoint so that a crash mid-delete never leaves a folder with a valid name."""
     doomed = path.with_name(path.name + ".deleting.tmp")
     path.rename(doomed)
     shutil.rmtree(doomed)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_file(state_dir: Path) -> Path:
+    return state_dir / f"rng_rank{rank()}.safetensors"
+
+
+def save_rng_state(state_dir: Path) -> None:
+    """This rank's python, numpy, torch (and CUDA) generator states as tensors, their scalars as JSON metadata."""
+    version, python_state, gauss = random.getstate()
+    kind, numpy_keys, position, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {"python": [version, gauss], "numpy": [kind, position, has_gauss, cached]}
+    save_file(tensors, str(_rng_file(state_dir)), metadata={"scalars": json.dumps(scalars)})
+
+
+def load_rng_state(state_dir: Path) -> None:
+    """Restore what `save_rng_state` wrote for this rank (safetensors and JSON: no pickle is read)."""
+    from safetensors import safe_open
+
+    path = _rng_file(state_dir)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        scalars = json.loads(handle.metadata()["scalars"])
+    version, gauss = scalars["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    kind, position, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _save_model_dir(engine, state_dict, out: Path, processor, lora_base: str | None) -> None:
+    """Rank 0: the model folder (full weights, or adapter over `lora_base`) with the processor beside it."""
+    if lora_base is not None:
+        save_lora_dir(engine.module, state_dict, str(out), lora_base)
+    else:
+        unwrap(engine.module).save_pretrained(out, state_dict=state_dict)
+    if processor is not None:
+        processor.save_pretrained(out)
+
+
+def _publish(tmp: Path, final: Path, save_total_limit: int | None) -> None:
+    """Rank 0: make a written `.tmp` folder the checkpoint `final`, then drop checkpoints beyond the limit."""
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step after resuming from an earlier checkpoint
+        _remove(final)
+    tmp.rename(final)
+    _fsync_tree(final.parent)
+    if save_total_limit is not None:
+        for old in list_checkpoints(final.parent)[:-save_total_limit]:
+            _remove(old)
+    logger.info("saved %s", final)
 
 
 def save_checkpoint(
@@ -91,54 +120,38 @@ def save_checkpoint(
 ) -> Path | None:
     """Save model, engine state, RNG and data position atomically; call on every rank.
 
-    Layout: `model/` (HF dir + processor; LoRA: adapter, non-LoRA trainables, base reference), `config.yaml`,
-    `trainer_state/` (engine: trainable weights, optimizer, scheduler; `rng_rank{r}.pt`; `state.json`).
+    Layout: `model/` (HF folder + processor; LoRA: adapter, non-LoRA trainables, base reference), `config.yaml`,
+    `trainer_state/` (engine: trainable weights, optimizer, scheduler; `rng_rank{r}.safetensors`; `state.json`).
 
     Args:
         engine: a DeepSpeed engine or TorchEngine.
         config: the resolved config (written as `config.yaml`).
-        progress: `{"step", "epoch", "samples_in_epoch", ...}`; `step` names the directory.
-        processor: saved into `model/` when it has `save_pretrained`.
-        lora_base: for a PEFT model, the base model dir its adapter applies to.
+        progress: `{"step", "epoch", "samples_in_epoch", ...}`; `step` names the folder.
+        processor: saved into `model/` (contract.SavedWithModel), or None.
+        lora_base: for a PEFT model, the base model folder its adapter applies to.
 
     Returns:
         The final checkpoint path on rank 0, None elsewhere.
     """
     out = Path(config.output_dir)
-    final = out / f"checkpoint-{progress['step']}"
-    tmp = out / f"checkpoint-{progress['step']}.tmp"
+    final = out / checkpoint_dir_name(progress["step"])
+    tmp = final.with_name(final.name + ".tmp")
+    state_dir = tmp / TRAINER_STATE_DIR
     if rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / "trainer_state").mkdir(parents=True)
+        state_dir.mkdir(parents=True)
     barrier()
     state_dict = full_state_dict(engine)  # collective under ZeRO-3
-    engine.save_checkpoint(
-        str(tmp / "trainer_state"), tag=_ENGINE_TAG, exclude_frozen_parameters=True, save_latest=False
-    )
-    torch.save(_rng_state(), tmp / "trainer_state" / f"rng_rank{rank()}.pt")
+    engine.save_checkpoint(str(state_dir), tag=_ENGINE_TAG, exclude_frozen_parameters=True, save_latest=False)
+    save_rng_state(state_dir)
     if rank() == 0:
-        if lora_base is not None:
-            save_lora_dir(engine.module, state_dict, str(tmp / "model"), lora_base)
-        else:
-            unwrap(engine.module).save_pretrained(tmp / "model", state_dict=state_dict)
-        if processor is not None and hasattr(processor, "save_pretrained"):
-            processor.save_pretrained(tmp / "model")
-        save_config(config, tmp / "config.yaml")
-        with open(tmp / "trainer_state" / "state.json", "w") as f:
-            json.dump({**progress, "world_size": world_size()}, f, indent=1)
+        _save_model_dir(engine, state_dict, tmp / MODEL_DIR, processor, lora_base)
+        save_config(config, tmp / RUN_CONFIG_FILE)
+        (state_dir / STATE_FILE).write_text(json.dumps({**progress, "world_size": world_size()}, indent=1))
     barrier()  # every rank's files are written
     if rank() == 0:
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after resuming from an earlier checkpoint
-            _remove(final)
-        tmp.rename(final)
-        _fsync_tree(out)
-        limit = config.save_total_limit
-        if limit is not None:
-            for old in list_checkpoints(out)[:-limit]:
-                _remove(old)
-        logger.info("saved %s", final)
+        _publish(tmp, final, config.save_total_limit)
     barrier()
     return final if rank() == 0 else None
 
@@ -149,27 +162,21 @@ def load_checkpoint(engine, path: str | os.PathLike) -> dict:
     Raises:
         ValueError: the checkpoint was written by a different number of ranks (its data order would differ).
     """
-    path = Path(path)
-    with open(path / "trainer_state" / "state.json") as f:
-        progress = json.load(f)
+    state_dir = Path(path) / TRAINER_STATE_DIR
+    progress = json.loads((state_dir / STATE_FILE).read_text())
     if progress["world_size"] != world_size():
         raise ValueError(
             f"{path}: saved with {progress['world_size']} ranks, now {world_size()}: exact resume "
             f"needs the same count (start a new run with model.init_from={path} instead)"
         )
     engine.load_checkpoint(
-        str(path / "trainer_state"),
+        str(state_dir),
         tag=_ENGINE_TAG,
         load_module_strict=False,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
-    rng = torch.load(path / "trainer_state" / f"rng_rank{rank()}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    load_rng_state(state_dir)
     return progress
 
 

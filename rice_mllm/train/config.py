@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from ..mllm.anyres import DEFAULT_MAX_TILES, DEFAULT_MULTI_IMAGE_TILING
+from ..pretrain.modeling import RegionLossSettings
+
 
 @dataclass
 class ModelConfig:
@@ -22,9 +25,10 @@ class ModelConfig:
     llm: str = "qwen2.5-tiny"  # Qwen2.5 preset name (random init), directory or hub id
     tokenizer: str | None = None  # None: the LLM's own (the kit's tiny tokenizer for an LLM preset)
     init_from: str | None = None  # kit checkpoint (model, checkpoint or run dir); then vision/llm/tokenizer unused
-    max_tiles: int = 4  # largest anyres grid in tiles (LLaVA-NeXT's "2x2+1")
+    max_tiles: int = DEFAULT_MAX_TILES  # largest anyres grid in tiles (LLaVA-NeXT's "2x2+1")
     max_grid_tiles: int | None = None  # token budget: OneVision's anyres_max_K
-    multi_image_tiling: str = "anyres"  # "base": images of multi-image samples give their base tile only
+    # "base": the images of multi-image samples give their base tile only
+    multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
 
@@ -41,20 +45,15 @@ class DataConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Stage 0 only (`stage: stage0_pretrain`): region labelling, sampling, head and losses (DESIGN.md section 4)."""
+class PretrainConfig(RegionLossSettings):
+    """Stage 0 only (`stage: stage0_pretrain`): region labelling and sampling, plus the head and loss settings it
+    inherits (embed_dim, scale, margin, sample_ratio, ocr_sample_ratio, ocr_loss_weight; DESIGN.md section 4)."""
 
     teacher: str | None = None  # label the region file first: "label-hash" (tiny world) or an encoder dir; None: done
     num_clusters: int | None = None  # K; None: #distinct labels (label-hash) or max "cluster" + 1 (labelled files)
     num_regions: int = 10  # regions per image
     max_tokens: int = 10  # token positives kept per OCR region
-    embed_dim: int | None = None  # region embedding and class-centre width; None: the encoder's hidden size
     max_patches: int | None = None  # keep images' aspect ratio within this many patches; None: square image_size
-    scale: float = 64.0
-    margin: float = 0.3
-    sample_ratio: float = 0.1  # PartialFC share of object centres scored per step
-    ocr_sample_ratio: float = 0.1
-    ocr_loss_weight: float = 1.0
 
 
 @dataclass

@@ -143,7 +143,8 @@ class TorchEngine:
         self.micro_steps += 1
 
     def save_checkpoint(self, save_dir: str, tag: str, **_) -> None:
-        """Trainable parameters, optimizer and scheduler (frozen weights come from the model build)."""
+        """Trainable parameters, optimizer and scheduler (frozen weights come from the model build): tensors and
+        plain values only, so `load_checkpoint` reads them with `weights_only=True` (no pickled objects)."""
         trainable = {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
         state = {
             "trainable": trainable,
@@ -155,7 +156,7 @@ class TorchEngine:
         torch.save(state, os.path.join(save_dir, tag, "engine_state.pt"))
 
     def load_checkpoint(self, load_dir: str, tag: str, **_) -> None:
-        state = torch.load(os.path.join(load_dir, tag, "engine_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(load_dir, tag, "engine_state.pt"), weights_only=True)
         params = dict(self.module.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
         if set(state["trainable"]) != trainable:

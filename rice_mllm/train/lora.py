@@ -1,4 +1,4 @@
-"""LoRA / QLoRA for the LLM part only (PEFT), its checkpoint layout, and loading it back onto a base model.
+"""LoRA / QLoRA for the LLM part only (PEFT), and saving an adapter in the kit's checkpoint layout.
 
 Targets are a regex anchored on the LLM part's module names: PEFT matches plain names by suffix, so `q_proj`
 alone would also wrap the vision tower's attention (DESIGN.md section 5 pitfalls).
@@ -6,22 +6,20 @@ alone would also wrap the vision tower's attention (DESIGN.md section 5 pitfalls
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .stages import PARTS, LoraSpec, unwrap
+from ..checkpoint_layout import NON_LORA_FILE, write_adapter_base
+from .stages import LoraSpec, part_attribute, unwrap
 
 logger = logging.getLogger(__name__)
 
-NON_LORA_FILE = "non_lora_trainables.safetensors"  # trained non-adapter parts (projector, newline)
-BASE_FILE = "base_model.json"  # {"init_from": path of the full-weight base model dir}
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -37,7 +35,7 @@ def lora_target_regex(model: nn.Module, spec: LoraSpec) -> str:
     Returns:
         e.g. `language_model\\..*\\.(down_proj|gate_proj|...)` for `target="llm"`.
     """
-    attr = PARTS[spec.target]
+    attr = part_attribute(model, spec.target)
     part = getattr(unwrap(model), attr)
     leaves = sorted({n.split(".")[-1] for n, m in part.named_modules() if _is_linear(m) and n != "lm_head"})
     if not leaves:
@@ -74,7 +72,7 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
         The PEFT-wrapped model; `unwrap(result)` is `model` with adapter layers inside the target part.
     """
     if spec.load_in_4bit:
-        quantize_4bit(getattr(model, PARTS[spec.target]))
+        quantize_4bit(getattr(model, part_attribute(model, spec.target)))
     cfg = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -97,28 +95,4 @@ def save_lora_dir(model: PeftModel, state_dict: dict[str, torch.Tensor], path: s
     model.save_pretrained(path, state_dict=state_dict)
     trained = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and "lora_" not in n]
     save_file({n: state_dict[_PEFT_PREFIX + n].contiguous() for n in trained}, os.path.join(path, NON_LORA_FILE))
-    with open(os.path.join(path, BASE_FILE), "w") as f:
-        json.dump({"init_from": os.path.abspath(base_dir)}, f)
-
-
-def lora_base_dir(path: str) -> str:
-    """The base model dir a LoRA model dir refers to."""
-    with open(os.path.join(path, BASE_FILE)) as f:
-        return json.load(f)["init_from"]
-
-
-def load_lora_dir(base: nn.Module, path: str) -> PeftModel:
-    """Attach the adapter and the trained non-LoRA parts stored in `path` to the full-weight `base`.
-
-    Raises:
-        KeyError: a stored non-LoRA tensor has no parameter of that name in `base`.
-    """
-    trained = load_file(os.path.join(path, NON_LORA_FILE))
-    params = dict(base.named_parameters())
-    missing = sorted(set(trained) - set(params))
-    if missing:
-        raise KeyError(f"{path}/{NON_LORA_FILE}: no parameter named {missing[:5]} in the base model")
-    with torch.no_grad():
-        for n, t in trained.items():
-            params[n].copy_(t)
-    return PeftModel.from_pretrained(base, path)
+    write_adapter_base(path, base_dir)

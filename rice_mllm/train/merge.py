@@ -12,13 +12,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint_layout import (
+    ADAPTER_FILES,
+    BASE_FILE,
+    NON_LORA_FILE,
+    RUN_CONFIG_FILE,
+    adapter_base_dir,
+    attach_adapter,
+    is_adapter,
+    resolve_model_dir,
+)
 from .builders import DEFAULT_BUILDERS, Builders
-from .checkpoint import resolve_model_dir
 from .config import load_config
-from .lora import BASE_FILE, NON_LORA_FILE, load_lora_dir, lora_base_dir
 from .trainer import set_seed
-
-_ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", NON_LORA_FILE, BASE_FILE}
 
 
 def _parity_batch(model: nn.Module, seed: int = 0) -> dict:
@@ -47,11 +53,13 @@ def merge(checkpoint: str, output_dir: str, builders: Builders = DEFAULT_BUILDER
         ValueError: the merged logits differ by more than the tolerance (nothing is written).
     """
     model_dir = resolve_model_dir(checkpoint)
-    config = load_config(model_dir.parent / "config.yaml")
-    config.model.init_from = lora_base_dir(str(model_dir))
+    if not is_adapter(model_dir):
+        raise ValueError(f"{checkpoint}: {model_dir} holds full weights, not a LoRA adapter: nothing to merge")
+    config = load_config(model_dir.parent / RUN_CONFIG_FILE)
+    config.model.init_from = str(adapter_base_dir(model_dir))
     set_seed(config.optim.seed)
-    base = builders.model(config, builders.processor(config))
-    peft_model = load_lora_dir(base, str(model_dir)).eval()
+    base = builders.model(config, builders.inputs(config))
+    peft_model = attach_adapter(base, model_dir).eval()
     batch = _parity_batch(peft_model.get_base_model())
     with torch.no_grad():
         reference = peft_model(**batch).logits.float()
@@ -63,7 +71,7 @@ def merge(checkpoint: str, output_dir: str, builders: Builders = DEFAULT_BUILDER
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():  # processor / tokenizer files travel with the weights
-        if f.is_file() and f.name not in _ADAPTER_FILES:
+        if f.is_file() and f.name not in {*ADAPTER_FILES, NON_LORA_FILE, BASE_FILE}:
             shutil.copy2(f, out / f.name)
     merged.save_pretrained(out)
     return diff

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RegionInputs:
-    """What the stage-0 model and dataset share (the `processor` slot of Builders): labelled files and class counts."""
+    """What the stage-0 model and dataset are built from (Builders.inputs): labelled files and class counts."""
 
     files: list[Path]
     num_clusters: int
@@ -94,17 +94,7 @@ def build_region_inputs(config: TrainConfig) -> RegionInputs:
 
 def build_pretrain_model(config: TrainConfig, inputs: RegionInputs) -> nn.Module:
     """RicePretrainModel: a random encoder for a preset `model.vision`, else that encoder dir's weights."""
-    p = config.pretrain
-    head = RegionPretrainConfig(
-        num_clusters=inputs.num_clusters,
-        vocab_size=inputs.vocab_size,
-        embed_dim=p.embed_dim,
-        scale=p.scale,
-        margin=p.margin,
-        sample_ratio=p.sample_ratio,
-        ocr_sample_ratio=p.ocr_sample_ratio,
-        ocr_loss_weight=p.ocr_loss_weight,
-    )
+    head = RegionPretrainConfig.from_settings(config.pretrain, inputs.num_clusters, inputs.vocab_size)
     vision = vision_source(config)
     if vision in list_presets():
         return RicePretrainModel(inputs.vision_config, head)
@@ -139,7 +129,7 @@ def build_region_collator(config: TrainConfig, inputs: RegionInputs) -> Callable
 
 
 STAGE0_BUILDERS = Builders(
-    processor=build_region_inputs,
+    inputs=build_region_inputs,
     model=build_pretrain_model,
     dataset=build_region_dataset,
     collator=build_region_collator,

@@ -1,7 +1,8 @@
 """Training stages as data: which parts of the model train, at which learning rate (DESIGN.md section 5).
 
-A part is a top-level submodule (or parameter) of the model, found through `PARTS` only; training code never
-reaches deeper. Applying a stage freezes everything, then unfreezes exactly the stage's parts.
+A part is a top-level submodule (or parameter) of the model, found through the model's own `parts` table
+(contract.TrainableModel); training code never reaches deeper. Applying a stage freezes everything, then unfreezes
+exactly the stage's parts.
 """
 
 from __future__ import annotations
@@ -12,19 +13,6 @@ from dataclasses import dataclass, field
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-# stage part name -> the model's top-level attribute (the RiceMllmForConditionalGeneration contract)
-PARTS = {
-    "vision": "vision_tower",
-    "projector": "projector",
-    "newline": "image_newline",
-    "llm": "language_model",
-    # stage 0 (RicePretrainModel): the encoder, the region head and the PartialFC class centres of both losses
-    "encoder": "encoder",
-    "region_head": "region_head",
-    "object_centres": "object_loss",
-    "ocr_centres": "ocr_loss",
-}
 
 
 @dataclass(frozen=True)
@@ -75,20 +63,31 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def part_attribute(model: nn.Module, part: str) -> str:
+    """The model's top-level attribute that holds `part`.
+
+    Raises:
+        KeyError: the model has no such part, listing the ones it has.
+    """
+    parts = unwrap(model).parts
+    if part not in parts:
+        raise KeyError(f"unknown part {part!r}; {type(unwrap(model)).__name__} has parts {sorted(parts)}")
+    return parts[part]
+
+
 def part_parameters(model: nn.Module, part: str) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs of one part, names relative to the part, in a fixed order.
 
     Raises:
-        KeyError: `part` is not in PARTS, or the model has no such attribute.
+        KeyError: the model has no such part, or its attribute is not a module or parameter.
     """
-    if part not in PARTS:
-        raise KeyError(f"unknown part {part!r}; valid parts: {sorted(PARTS)}")
-    obj = getattr(unwrap(model), PARTS[part], None)
+    attr = part_attribute(model, part)
+    obj = getattr(unwrap(model), attr, None)
     if isinstance(obj, nn.Parameter):
         return [("", obj)]
     if isinstance(obj, nn.Module):
         return list(obj.named_parameters())
-    raise KeyError(f"part {part!r}: the model has no attribute {PARTS[part]!r} (a module or parameter)")
+    raise KeyError(f"part {part!r}: the model has no attribute {attr!r} (a module or parameter)")
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -96,17 +95,36 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith("bias")
 
 
+def _used_part_parameters(model: nn.Module, part: str) -> list[tuple[str, nn.Parameter]]:
+    """A part's parameters less those the model lists as unused (vision blocks past the feature layer): training
+    them would leave ZeRO/DDP waiting for gradients, and weight decay would still move them, so they stay frozen."""
+    unused = set(unwrap(model).unused_parameter_names())
+    attr = part_attribute(model, part)
+    return [(n, p) for n, p in part_parameters(model, part) if f"{attr}.{n}".rstrip(".") not in unused]
+
+
+def _trained_parameters(model: nn.Module, stage: Stage, lrs: dict[str, float]) -> list[tuple[str, float, list]]:
+    """(group name, lr, named parameters) for each trained part, and the LoRA adapters of a LoRA stage."""
+    chosen = [(part, lr, _used_part_parameters(model, part)) for part, lr in lrs.items()]
+    if stage.lora is not None:
+        adapters = [(n, p) for n, p in part_parameters(model, stage.lora.target) if "lora_" in n]
+        if not adapters:
+            raise ValueError(f"LoRA stage but part {stage.lora.target!r} holds no lora_ parameters: inject LoRA first")
+        chosen.append(("lora", stage.lora.lr, adapters))
+    return chosen
+
+
 def apply_stage(
     model: nn.Module, stage: Stage, optional_parts: list[str] = (), weight_decay: float = 0.0, lr_scale: float = 1.0
 ) -> list[dict]:
     """Freeze the whole model, unfreeze the stage's parts, and build optimizer parameter groups.
 
-    Parameters listed by the model's `unused_parameter_names()` (if it has one) stay frozen.
+    Parameters listed by the model's `unused_parameter_names()` stay frozen.
     With a LoRA stage the adapters (parameters named `lora_` inside the LoRA target part) train at the
     LoRA lr and the rest of that part stays frozen.
 
     Args:
-        model: a model exposing the PARTS attributes (possibly PEFT-wrapped).
+        model: a contract.TrainableModel (possibly PEFT-wrapped).
         stage: the stage table.
         optional_parts: names from `stage.optional` to train as well.
         weight_decay: applied to >=2-D weights; biases and 1-D parameters get 0.
@@ -126,20 +144,8 @@ def apply_stage(
     lrs = dict(stage.train) | {p: stage.optional[p] for p in optional_parts}
     for p in model.parameters():
         p.requires_grad_(False)
-    # the model names parameters the loss never reaches (vision blocks past the feature layer): training them would
-    # leave ZeRO/DDP waiting for gradients, and weight decay would still move them, so they stay frozen
-    unused = set(getattr(unwrap(model), "unused_parameter_names", list)())
-    chosen = [
-        (part, lr, [(n, p) for n, p in part_parameters(model, part) if f"{PARTS[part]}.{n}".rstrip(".") not in unused])
-        for part, lr in lrs.items()
-    ]
-    if stage.lora is not None:
-        adapters = [(n, p) for n, p in part_parameters(model, stage.lora.target) if "lora_" in n]
-        if not adapters:
-            raise ValueError(f"LoRA stage but part {stage.lora.target!r} holds no lora_ parameters: inject LoRA first")
-        chosen.append(("lora", stage.lora.lr, adapters))
     groups = []
-    for part, lr, named in chosen:
+    for part, lr, named in _trained_parameters(model, stage, lrs):
         for _, p in named:
             p.requires_grad_(True)
         decay = [p for n, p in named if not _no_decay(n, p)]
@@ -162,10 +168,10 @@ def parameter_table(model: nn.Module) -> str:
         return sum(n for n, t in sizes if t), sum(n for n, _ in sizes)
 
     rows = []
-    for part, attr in PARTS.items():
+    for part, attr in unwrap(model).parts.items():
         if getattr(unwrap(model), attr, None) is not None:
             rows.append((part, *count(part_parameters(model, part))))
-    mapped = {PARTS[r[0]] for r in rows}
+    mapped = {unwrap(model).parts[r[0]] for r in rows}
     rest = [(n, p) for n, p in unwrap(model).named_parameters() if n.split(".")[0] not in mapped]
     if rest:
         rows.append(("(other)", *count(rest)))

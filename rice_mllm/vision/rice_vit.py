@@ -18,7 +18,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ..loading import resolve_checkpoint_dir, verify_checkpoint_dir
+from ..checkpoint_layout import resolve_checkpoint_dir
+from ..loading import verify_checkpoint_dir
 from .configuration import RiceVisionConfig
 
 logger = logging.getLogger(__name__)
