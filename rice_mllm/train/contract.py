@@ -20,7 +20,8 @@ class TrainableModel(Protocol):
     Attributes:
         parts: stage-table part name -> the model's top-level submodule or parameter holding that part
             (stages.py trains and freezes whole parts, and never reaches deeper).
-        supports_gradient_checkpointing: whether `model.gradient_checkpointing` may be set for it.
+        supports_gradient_checkpointing: whether `model.gradient_checkpointing` may be set for it (the model then
+            has transformers' `activation_checkpointing_enable`).
     """
 
     parts: ClassVar[Mapping[str, str]]

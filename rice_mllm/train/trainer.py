@@ -27,7 +27,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint_layout import CheckpointFormatError, last_checkpoint, resolve_model_dir
+from ..checkpoint_layout import (
+    RUN_CONFIG_FILE,
+    CheckpointFormatError,
+    checkpoint_dir_name,
+    last_checkpoint,
+    resolve_model_dir,
+)
 from ..data.dataset import dataset_lengths
 from ..loading import CheckpointMismatchError
 from .builders import DEFAULT_BUILDERS, Builders
@@ -115,7 +121,7 @@ def start_run(config: TrainConfig) -> str | None:
     resume = _resume_path(config)
     clean_incomplete(config.output_dir)
     if rank() == 0:
-        save_config(config, os.path.join(config.output_dir, "config.yaml"))
+        save_config(config, os.path.join(config.output_dir, RUN_CONFIG_FILE))
     set_seed(config.optim.seed)
     return resume
 
@@ -130,7 +136,7 @@ def _check_replicated(model: nn.Module) -> None:
         )
 
 
-def _enable_activation_checkpointing(model: nn.Module, config: TrainConfig) -> None:
+def _enable_activation_checkpointing(model: nn.Module) -> None:
     if not model.supports_gradient_checkpointing:
         raise ValueError(f"model.gradient_checkpointing=true, but {type(model).__name__} does not support it")
     # non-reentrant: the reentrant variant drops gradients when the checkpointed inputs are frozen (LoRA, stage 1)
@@ -163,7 +169,7 @@ def build_run(config: TrainConfig, builders: Builders) -> Run:
     check_trainable(model)
     _check_replicated(model)
     if config.model.gradient_checkpointing:
-        _enable_activation_checkpointing(model, config)
+        _enable_activation_checkpointing(model)
     lora_base = None
     if stage.lora is not None:
         model, lora_base = _add_lora(config, stage, model, processor)
@@ -298,7 +304,7 @@ def train(config: TrainConfig, builders: Builders | None = None) -> str | None:
     run = build_run(config, builders)
     step = resume_run(run, resume) if resume is not None else 0
     last_saved = run_steps(run, step)
-    final = os.path.join(config.output_dir, f"checkpoint-{last_saved}")
+    final = os.path.join(config.output_dir, checkpoint_dir_name(last_saved))
     return final if rank() == 0 else None
 
 
