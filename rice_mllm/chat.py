@@ -7,7 +7,6 @@ the session. Invariant: the streamed text equals the reply `inference.answer` re
 from __future__ import annotations
 
 import argparse
-import queue
 import shlex
 import sys
 import threading
@@ -16,18 +15,23 @@ from pathlib import Path
 import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint_layout import CheckpointFormatError
 from .constants import IMAGE_TOKEN
-from .inference import answer, load_for_inference, quiet_transformers
+from .inference import (
+    ImageReadError,
+    ReplyStreamer,
+    answer,
+    load_for_inference,
+    quiet_transformers,
+    read_image,
+    template_marker_in,
+)
 from .loading import CheckpointMismatchError
-from .mllm.chat_template import IM_END, IM_START
 from .mllm.processing import SampleTooLongError
 
 DEFAULT_MODEL = Path("outputs/tiny-world/stage2_instruct")  # where `python -m rice_mllm.tiny_world` leaves it
 HOW_TO_TRAIN = "make one with: python -m rice_mllm.tiny_world (or pass --model DIR)"
-MAX_IMAGE_PIXELS = 64_000_000  # beyond this a decompression bomb is likelier than a photo
 PROMPT, REPLY = "you: ", "assistant: "
 HELP = """commands:
   /image PATH [PATH ...]  attach images to your next message (quote paths with spaces)
@@ -46,54 +50,9 @@ def read_user_image(path: str) -> Image.Image:
     if not file.is_file():
         raise ChatInputError(f"no such image: {file}")
     try:
-        with Image.open(file) as handle:
-            # The header gives the size before any pixel is decoded: refuse huge images before spending memory.
-            if handle.width * handle.height > MAX_IMAGE_PIXELS:
-                raise ChatInputError(f"{file} is {handle.width}x{handle.height}: over {MAX_IMAGE_PIXELS:,} pixels")
-            return handle.convert("RGB")
-    except ChatInputError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ChatInputError(f"cannot read {file} as an image: {error}") from None
-
-
-class ReplyStreamer(BaseStreamer):
-    """Generate-side streamer yielding text pieces whose concatenation is the final stripped reply.
-
-    Each step re-decodes every new token and releases only the stable part: leading whitespace is dropped and a
-    trailing run of whitespace or U+FFFD (an unfinished UTF-8 character) is held back until more text follows,
-    so the printed text is exactly `decode(tokens).strip()`, as `answer` returns it.
-    """
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.released = ""
-        self.skip_prompt = True
-        self.pieces: queue.Queue[str | None] = queue.Queue()
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-
-    def _release(self, text: str) -> None:
-        if text.startswith(self.released) and len(text) > len(self.released):
-            self.pieces.put(text[len(self.released) :])
-            self.released = text
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.skip_prompt:  # generate first pushes the prompt ([1, 0] here: the model generates from embeddings)
-            self.skip_prompt = False
-            return
-        self.tokens += value.reshape(-1).tolist()
-        self._release(self._text().rstrip("\ufffd \t\n\r\f\v"))
-
-    def end(self) -> None:
-        self._release(self._text())
-        self.pieces.put(None)
-
-    def __iter__(self):
-        while (piece := self.pieces.get()) is not None:
-            yield piece
+        return read_image(file, str(file))
+    except ImageReadError as error:
+        raise ChatInputError(str(error)) from None
 
 
 class StopOnEvent(StoppingCriteria):
@@ -124,9 +83,8 @@ class ChatSession:
     def next_turn(self, text: str) -> tuple[list[dict[str, str]], list[Image.Image]]:
         """Messages and images of the conversation extended by a user turn: pending images first, one `<image>`
         line each, as the training data has them. Raises ChatInputError for text the template cannot carry."""
-        for marker in (IMAGE_TOKEN, IM_START, IM_END):
-            if marker in text:
-                raise ChatInputError(f"messages cannot contain {marker!r}; attach images with /image PATH")
+        if marker := template_marker_in(text):
+            raise ChatInputError(f"messages cannot contain {marker!r}; attach images with /image PATH")
         content = f"{IMAGE_TOKEN}\n" * len(self.pending) + text
         return [*self.messages, {"role": "user", "content": content}], [*self.images, *self.pending]
 

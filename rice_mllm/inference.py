@@ -1,17 +1,21 @@
-"""Load a kit checkpoint for inference and answer conversations: the code path chat and eval share.
+"""Load a kit checkpoint for inference and answer conversations: the code path chat, eval and serve share.
 
-One renderer (the processor's ChatML) and one generate call, so chat, eval and training see the same text.
-Invariant: a batch answers each conversation as it would be answered alone (left padding, masked).
+One renderer (the processor's ChatML) and one generate call, so chat, eval, serve and training see the same text.
+Invariants: a batch answers each conversation as it would be answered alone (left padding, masked); streamed text
+(`ReplyDecoder`) joins up to exactly the reply `answer` returns.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint_layout import (
     adapter_base_dir,
@@ -20,7 +24,9 @@ from .checkpoint_layout import (
     is_adapter,
     resolve_model_dir,
 )
+from .constants import IMAGE_TOKEN
 from .data.collate import PaddingCollator
+from .mllm.chat_template import IM_END, IM_START
 from .mllm.modeling import RiceMllmForConditionalGeneration
 from .mllm.processing import RiceMllmProcessor
 
@@ -33,6 +39,34 @@ SKIP_4BIT = ["vision_tower", "projector", "lm_head"]
 # bitsandbytes' CPU 4-bit kernel (0.50) packs weights in blocks of 64 inputs and 32 outputs; other shapes crash
 # inside its forward with a bare reshape error, so they are refused at load time with the layer's name.
 CPU_4BIT_BLOCK = (32, 64)
+MAX_IMAGE_PIXELS = 64_000_000  # beyond this a decompression bomb is likelier than a photo
+# Text a user turn cannot carry: the template would read it as an image placeholder or a turn boundary.
+TEMPLATE_MARKERS = (IMAGE_TOKEN, IM_START, IM_END)
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be used: not decodable, or over the pixel limit (the message says which)."""
+
+
+def read_image(source: str | Path | BinaryIO, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image fully as RGB, or raise ImageReadError naming `name` and why.
+
+    The size is read from the header before any pixel is decoded, so a decompression bomb costs no memory.
+    """
+    try:
+        with Image.open(source) as handle:
+            if handle.width * handle.height > max_pixels:
+                raise ImageReadError(f"{name} is {handle.width}x{handle.height}: over {max_pixels:,} pixels")
+            return handle.convert("RGB")
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read {name} as an image: {error}") from None
+
+
+def template_marker_in(text: str) -> str | None:
+    """The first template marker (`<image>`, `<|im_start|>`, `<|im_end|>`) that `text` contains, else None."""
+    return next((marker for marker in TEMPLATE_MARKERS if marker in text), None)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -158,6 +192,13 @@ def prepare_inputs(
         input_ids, attention_mask [B, T]; pixel_values [tiles, 3, S, S] in `dtype`; image_sizes [images, 2].
     """
     samples = [processor(messages, images, add_generation_prompt=True) for messages, images in prompts]
+    return batch_samples(processor, samples, device, dtype)
+
+
+def batch_samples(
+    processor: RiceMllmProcessor, samples: Sequence[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Left-padded batch of samples the processor rendered with `add_generation_prompt=True`; see `prepare_inputs`."""
     batch = PaddingCollator(processor.pad_token_id)(samples)
     batch.pop("labels")
     lengths = [len(sample["input_ids"]) for sample in samples]
@@ -210,8 +251,66 @@ def answer_batch(
     for row in tokens.tolist():
         # Rows that finished early are filled with padding after their <|im_end|>: cut there.
         row = row[: row.index(eos)] if eos in row else row
-        replies.append(processor.tokenizer.decode(row, skip_special_tokens=True).strip())
+        replies.append(decode_reply(processor.tokenizer, row))
     return replies
+
+
+def decode_reply(tokenizer, tokens: Sequence[int]) -> str:
+    """A reply's text: special tokens removed, surrounding whitespace stripped."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+class ReplyDecoder:
+    """The tokens of one reply, as they are generated -> text pieces whose concatenation is `decode_reply(tokens)`.
+
+    Each push re-decodes every token so far and releases only the stable part: leading whitespace is dropped and a
+    trailing run of whitespace or U+FFFD (an unfinished UTF-8 character) is held back until more text follows.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.released = ""
+
+    def _release(self, text: str) -> str:
+        if text.startswith(self.released) and len(text) > len(self.released):
+            piece, self.released = text[len(self.released) :], text
+            return piece
+        return ""
+
+    def push(self, tokens: Sequence[int]) -> str:
+        """Add tokens; return the newly stable text ("" when none)."""
+        self.tokens += tokens
+        return self._release(decode_reply(self.tokenizer, self.tokens).rstrip("\ufffd \t\n\r\f\v"))
+
+    def finish(self) -> str:
+        """The rest of the reply, held back so far."""
+        return self._release(decode_reply(self.tokenizer, self.tokens))
+
+
+class ReplyStreamer(BaseStreamer):
+    """Generate-side streamer for a batch of one: iterating it yields `ReplyDecoder` pieces until generate ends."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decoder = ReplyDecoder(tokenizer)
+        self.skip_prompt = True
+        self.pieces: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt:  # generate first pushes the prompt ([1, 0] here: the model generates from embeddings)
+            self.skip_prompt = False
+            return
+        if piece := self.decoder.push(value.reshape(-1).tolist()):
+            self.pieces.put(piece)
+
+    def end(self) -> None:
+        if piece := self.decoder.finish():
+            self.pieces.put(piece)
+        self.pieces.put(None)
+
+    def __iter__(self):
+        while (piece := self.pieces.get()) is not None:
+            yield piece
 
 
 def answer(
