@@ -48,11 +48,16 @@ def write_jsonl(path, records) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
-@pytest.fixture(scope="module")
-def processor():
+def qwen_processor() -> RiceMllmProcessor:
+    """Qwen2's real vocabulary over 28 px tiles of 14 px patches, grids of up to 4 tiles."""
     tokenizer = AutoTokenizer.from_pretrained(QWEN_DIR)
     add_image_token(tokenizer)
     return RiceMllmProcessor(tokenizer, RiceImageProcessor(AnyresGeometry(28, 14, make_grid_pinpoints(28, 4))))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return qwen_processor()
 
 
 def test_json_and_jsonl_records(tmp_path):

@@ -9,6 +9,7 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from rice_mllm.constants import CLIP_MEAN, CLIP_STD
+from rice_mllm.pretrain.region_convert import convert_coco
 from rice_mllm.pretrain.region_data import (
     OBJECT,
     OCR,
@@ -16,7 +17,6 @@ from rice_mllm.pretrain.region_data import (
     RegionDataset,
     check_region_file,
     collate_regions,
-    convert_coco,
     main,
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 from rice_mllm.checkpoint_layout import PROCESSOR_CONFIG_FILE, CheckpointFormatError, resolve_model_dir
 from rice_mllm.constants import IGNORE_INDEX
+from rice_mllm.data.conversation_shards import ConversationShards, conversation_from_row
+from rice_mllm.data.shards import ShardFormatError, ShardRows, is_shards
 from rice_mllm.data.sources import (
     Conversation,
     CorruptImageError,
@@ -46,15 +48,16 @@ GEOMETRY_DEFAULTS = {
 
 @dataclass(frozen=True)
 class Problem:
-    """One defect of one record (index None: the whole source)."""
+    """One defect of one record (index None: the whole source); `unit` is "row" for a Parquet shard's rows."""
 
     source: str
     index: int | None
     kind: str
     detail: str
+    unit: str = "record"
 
     def __str__(self) -> str:
-        where = self.source if self.index is None else f"{self.source} record {self.index}"
+        where = self.source if self.index is None else f"{self.source} {self.unit} {self.index}"
         return f"{where}: {self.kind}: {self.detail}"
 
 
@@ -84,7 +87,7 @@ def check_conversation(conversation: Conversation, processor: RiceMllmProcessor,
     """Check one record and add its problems and token length to `report`."""
 
     def problem(kind: str, detail: str) -> None:
-        report.problems.append(Problem(conversation.source, conversation.index, kind, detail))
+        report.problems.append(Problem(conversation.source, conversation.index, kind, detail, conversation.unit))
 
     report.records += 1
     report.images += len(conversation.images)
@@ -153,11 +156,31 @@ def _parsed_dataset(path: Path) -> list[Conversation | Problem]:
     return parsed
 
 
+def _parsed_shards(path: Path) -> Iterator[Conversation | Problem]:
+    """Every row of Parquet shards, one row group in memory at a time (shards may hold millions of images)."""
+    files = ConversationShards(path).rows.files  # unreadable footers, a wrong layout: raised here, before the rows
+
+    def parsed() -> Iterator[Conversation | Problem]:
+        for file in files:
+            try:
+                for number, row in enumerate(ShardRows(file)):
+                    try:
+                        yield conversation_from_row(row, file, number, None)
+                    except DataFormatError as error:
+                        yield Problem(str(file), number, "bad record", str(error), "row")
+            except ShardFormatError as error:  # a damaged row group: the rest of this file cannot be read
+                yield Problem(str(file), None, "unreadable source", str(error))
+
+    return parsed()
+
+
 def check_source(path: str | Path, processor: RiceMllmProcessor, report: DataReport, progress: bool = True) -> None:
-    """Check a LLaVA .json / .jsonl file, or a folder written by `datasets.Dataset.save_to_disk`."""
+    """Check a LLaVA .json / .jsonl file, Parquet shards (a file or folder), or a `datasets` save_to_disk folder."""
     path = Path(path)
     try:
-        if path.is_dir():
+        if is_shards(path):
+            records = _parsed_shards(path)
+        elif path.is_dir():
             records = _parsed_dataset(path)
         elif path.is_file():
             records = _parsed_file(path)
@@ -171,7 +194,9 @@ def check_source(path: str | Path, processor: RiceMllmProcessor, report: DataRep
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `data check`: the sources, and flags that build the processor whose rendering is checked."""
-    parser.add_argument("files", nargs="+", help=".json / .jsonl LLaVA files or datasets.save_to_disk folders")
+    parser.add_argument(
+        "files", nargs="+", help=".json / .jsonl LLaVA files, Parquet shards (file or folder), save_to_disk folders"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--processor", help="a processor folder, or a model's model, checkpoint or run folder")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder or hub id (no --processor)")

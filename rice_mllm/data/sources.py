@@ -1,11 +1,13 @@
 """Conversation records from LLaVA JSON / JSONL files and Hugging Face datasets.
 
 LLaVA schema: {"id", "image": str | [str], "conversations": [{"from": "human"|"gpt"|"system", "value"}], ...};
-image paths are relative to the data file's folder. Invariant: every error names the file, record and field.
+image paths are relative to the data file's folder (Parquet shards hold encoded bytes instead: data/shards.py).
+Invariant: every error names the file, record (or shard row) and field.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,32 +38,48 @@ class CorruptImageError(ImageLoadError):
     """The image file exists but cannot be decoded."""
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image held as its encoded file bytes (a Parquet cell), decoded only when opened; `name` tells errors which."""
+
+    data: bytes = field(repr=False)
+    name: str = ""
+
+
+ImageSource = Path | Image.Image | EncodedImage
+
+
 @dataclass
 class Conversation:
     """One training sample.
 
     Attributes:
         messages: [{"role": "system"|"user"|"assistant", "content": str}].
-        images: resolved paths, or decoded images when the source (a HF dataset) holds pixels.
-        source: data file (or dataset name) the record came from.
+        images: resolved paths, decoded images (a HF dataset's pixels) or encoded bytes (a Parquet shard's cells).
+        source: data file (or dataset name, or shard) the record came from.
         index: 0-based record index in the source.
         metadata: every other field of the record (e.g. "id", "question_type").
+        unit: what `index` counts in errors: "record", or "row" of a Parquet shard.
     """
 
     messages: list[dict[str, str]]
-    images: list[Path | Image.Image]
+    images: list[ImageSource]
     source: str
     index: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    unit: str = "record"
 
     @property
     def location(self) -> str:
-        return f"{self.source} record {self.index}"
+        return f"{self.source} {self.unit} {self.index}"
 
 
-def parse_record(record: Any, source: str, index: int, image_root: Path | None) -> Conversation:
-    """Turn one raw LLaVA record into a Conversation; raises DataFormatError naming the field."""
-    where = f"{source} record {index}"
+def parse_record(record: Any, source: str, index: int, image_root: Path | None, unit: str = "record") -> Conversation:
+    """Turn one raw LLaVA record into a Conversation; raises DataFormatError naming the field.
+
+    `image` holds paths (relative to `image_root`), or images already in memory (PIL, EncodedImage, resolved Path).
+    """
+    where = f"{source} {unit} {index}"
     if not isinstance(record, dict):
         raise DataFormatError(f"{where}: expected an object, got {type(record).__name__}")
     turns = record.get("conversations")
@@ -80,15 +98,16 @@ def parse_record(record: Any, source: str, index: int, image_root: Path | None) 
             raise DataFormatError(f"{where}: conversations[{turn_index}].value must be a string, got {value!r:.80}")
         messages.append({"role": SPEAKERS[speaker], "content": value})
     images = record.get("image")
+    kinds = (str, Path, Image.Image, EncodedImage)
     if images is None:
         images = []
-    elif isinstance(images, (str, Image.Image)):
+    elif isinstance(images, kinds):
         images = [images]
-    if not isinstance(images, list) or not all(isinstance(image, (str, Image.Image)) for image in images):
+    if not isinstance(images, list) or not all(isinstance(image, kinds) for image in images):
         raise DataFormatError(f"{where}: 'image' must be a path, a list of paths or absent, got {images!r:.80}")
-    resolved = [image if isinstance(image, Image.Image) else _resolve(image, image_root) for image in images]
+    resolved = [_resolve(image, image_root) if isinstance(image, str) else image for image in images]
     metadata = {key: value for key, value in record.items() if key not in ("conversations", "image")}
-    return Conversation(messages, resolved, source, index, metadata)
+    return Conversation(messages, resolved, source, index, metadata, unit)
 
 
 def _resolve(path: str, image_root: Path | None) -> Path:
@@ -134,19 +153,22 @@ def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
         raise DataFormatError(f"{path}: unknown data file type {path.suffix!r}; use .json or .jsonl")
 
 
-def conversation_from_raw(raw: RawRecord, path: Path) -> Conversation:
-    """Parse a RawRecord of `path` (images relative to its folder); raises DataFormatError."""
+def conversation_from_raw(raw: RawRecord, path: Path, image_root: Path | None = None) -> Conversation:
+    """Parse a RawRecord of `path` (images relative to `image_root`, default the file's folder); raises
+    DataFormatError."""
     if raw.error is not None:
         raise DataFormatError(f"bad JSON in {raw.error}")
-    return parse_record(raw.value, str(path), raw.index, path.parent)
+    return parse_record(raw.value, str(path), raw.index, path.parent if image_root is None else image_root)
 
 
-def load_conversations(path: str | Path) -> list[Conversation]:
-    """All records of a LLaVA .json / .jsonl file; image paths resolved against the file's folder."""
+def load_conversations(path: str | Path, image_folder: str | Path | None = None) -> list[Conversation]:
+    """All records of a LLaVA .json / .jsonl file; image paths resolved against `image_folder`, default the file's
+    folder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    return [conversation_from_raw(raw, path) for raw in iter_raw_records(path)]
+    root = None if image_folder is None else Path(image_folder)
+    return [conversation_from_raw(raw, path, root) for raw in iter_raw_records(path)]
 
 
 def conversations_from_dataset(
@@ -163,27 +185,31 @@ def conversations_from_dataset(
     return [parse_record(dict(row), name, index, root) for index, row in enumerate(dataset)]
 
 
-def _read_image(image: Path | Image.Image, where: str, read: Callable[[Image.Image], T], action: str) -> T:
-    """`read` an in-memory image, or the file at `image`, raising MissingImageError / CorruptImageError that name
-    `where` and, for a file that fails, the `action` attempted."""
+def _read_image(image: ImageSource, where: str, read: Callable[[Image.Image], T], action: str) -> T:
+    """`read` an in-memory image, encoded bytes or the file at `image`, raising MissingImageError / CorruptImageError
+    that name `where` and, for a file or bytes that fail, the `action` attempted."""
     if isinstance(image, Image.Image):
         return read(image)
-    if not image.is_file():
+    if isinstance(image, EncodedImage):
+        name, opened = image.name or "embedded image", io.BytesIO(image.data)
+    elif not image.is_file():
         raise MissingImageError(f"{where} {image}: file not found")
+    else:
+        name, opened = image, image
     try:
-        with Image.open(image) as handle:
+        with Image.open(opened) as handle:
             return read(handle)
     except (OSError, SyntaxError, ValueError) as error:
-        raise CorruptImageError(f"{where} {image}: cannot {action}: {error}") from error
+        raise CorruptImageError(f"{where} {name}: cannot {action}: {error}") from error
 
 
-def open_image(image: Path | Image.Image, where: str) -> Image.Image:
+def open_image(image: ImageSource, where: str) -> Image.Image:
     """Fully decode one image as RGB; `where` names it in MissingImageError / CorruptImageError."""
     # convert() forces a full decode, so truncated files fail here, not in a training worker.
     return _read_image(image, where, lambda handle: handle.convert("RGB"), "decode")
 
 
-def image_size(image: Path | Image.Image, where: str) -> tuple[int, int]:
+def image_size(image: ImageSource, where: str) -> tuple[int, int]:
     """(height, width) of one image from its header alone (no decode); errors as `open_image`'s."""
     return _read_image(image, where, lambda handle: (handle.height, handle.width), "read its header")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rice_mllm.data.shards import is_shards
 from rice_mllm.pretrain.kmeans import BACKENDS, HIERARCHICAL_FROM, NPROBE, cluster_features
 from rice_mllm.pretrain.region_data import (
     RegionDataError,
@@ -133,7 +134,13 @@ def label_region_file(
 
     Raises:
         RegionDataError: every bad record (checked first, nothing is written then).
+        ValueError: `data_file` is shards: label the JSONL they were written from, then write the labelled file's.
     """
+    if is_shards(data_file):
+        raise ValueError(
+            f"{data_file}: labelling reads a region JSONL, not shards: label the JSONL they were written from, then "
+            "write the labelled file's shards (`python -m rice_mllm.pretrain.region_data to-shards`)"
+        )
     data_file = str(data_file)
     records, objects, num_ocr = _checked_records(data_file, teacher, num_clusters, tokenizer_dir)
     if objects:

@@ -1,16 +1,19 @@
-"""Stage-0 region data: the region JSONL format, its checker, a COCO converter, and the torch Dataset + collate.
+"""Stage-0 region data: the region JSONL format, its shards, its checker, the torch Dataset + collate, a CLI.
 
 One image per line: {"image": path, "objects": [{"box": [x0,y0,x1,y1], "label"?, "cluster"?}],
 "ocr": [{"box", "text", "tokens"?}]}; boxes xyxy in pixels of the original image; paths relative to the file's folder.
+Shards (data/shards.py) hold one image per row: `image` (its file's bytes) and `regions` (the rest of the JSONL line,
+as JSON text: regions' optional keys stay absent, where Arrow structs would turn them into nulls).
 """
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import torch
 from PIL import Image
 
 from rice_mllm.constants import CLIP_MEAN, CLIP_STD
+from rice_mllm.data.shards import ROWS_PER_GROUP, ROWS_PER_SHARD, ShardRows, cell_image, is_shards
+from rice_mllm.data.sources import EncodedImage
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +32,7 @@ OBJECT, OCR = 0, 1  # region kinds in batches
 
 @dataclass(frozen=True)
 class RegionIssue:
-    """One problem of one record: where it is and what is wrong."""
+    """One problem of one record: where it is (JSONL line from 1, or .parquet shard row from 0) and what is wrong."""
 
     file: str
     line: int
@@ -35,7 +40,8 @@ class RegionIssue:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+        where = f"{self.file} row {self.line}" if self.file.endswith(".parquet") else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}"
 
 
 class RegionDataError(ValueError):
@@ -67,6 +73,43 @@ def read_region_jsonl(path: str | Path) -> list[tuple[int, dict]]:
 def resolve_image(data_file: str | Path, image: str) -> Path:
     """An image path from a record, relative to the data file's folder unless absolute."""
     return Path(image) if os.path.isabs(image) else Path(data_file).parent / image
+
+
+REGION_COLUMNS = ["image", "regions"]
+RegionImage = Path | EncodedImage  # a file, or a shard's bytes
+
+
+def _shard_record(row: dict, file: Path, index: int) -> tuple[dict, RegionImage | None]:
+    """A shard row -> (the record as in the JSONL, "image" naming the cell; its image, None when not read)."""
+    try:
+        record = json.loads(row["regions"])
+        image = cell_image(row["image"], f"{file} row {index}", file.parent) if "image" in row else None
+    except (TypeError, ValueError) as err:  # bad JSON text, or an image cell with neither bytes nor path
+        raise RegionDataError([RegionIssue(str(file), index, "regions/image", str(err))]) from err
+    name = row["image"].get("path") if isinstance(row.get("image"), dict) else None
+    return ({**record, "image": name or "embedded bytes"} if isinstance(record, dict) else record), image
+
+
+def iter_region_records(path: str | Path, images: bool = False) -> Iterator[tuple[str, int, dict, RegionImage | None]]:
+    """(file, line or row, record, image) of a region JSONL or of region shards, in order; image None unless `images`
+    (shards then read only their `regions` column). Raises RegionDataError on bad JSON, which ends the reading."""
+    if not is_shards(path):
+        for line, record in read_region_jsonl(path):
+            image = record.get("image") if isinstance(record, dict) else None
+            usable = images and isinstance(image, str) and image
+            yield str(path), line, record, resolve_image(path, image) if usable else None
+        return
+    rows = ShardRows(path, columns=None if images else ["regions"], required=REGION_COLUMNS)
+    for index, row in enumerate(rows):
+        file, number = rows.locate(index)
+        yield str(file), number, *_shard_record(row, file, number)
+
+
+def _open_image(image: RegionImage) -> tuple[Path | io.BytesIO, str]:
+    """What PIL opens for an image file or cell, and its name for errors."""
+    if isinstance(image, EncodedImage):
+        return io.BytesIO(image.data), image.name or "embedded bytes"
+    return image, str(image)
 
 
 def _is_number(x: object) -> bool:
@@ -137,28 +180,28 @@ def check_record(
 
 
 def check_region_file(path: str | Path, check_images: bool = True, require_labels: bool = False) -> list[RegionIssue]:
-    """Every problem of a region JSONL (bad JSON, missing/unreadable image, bad boxes, empty text, missing labels).
+    """Every problem of a region JSONL or of region shards (bad JSON, missing/unreadable image, bad boxes, empty text,
+    missing labels).
 
     Args:
-        path: the JSONL file.
+        path: the JSONL file, or a .parquet shard or folder of them.
         check_images: open each image header to test existence and box bounds.
         require_labels: objects need "cluster" and OCR regions "tokens" (training input).
     """
-    try:
-        records = read_region_jsonl(path)
-    except RegionDataError as err:
-        return err.issues
     issues = []
-    for line, record in records:
-        size = None
-        if check_images and isinstance(record, dict) and isinstance(record.get("image"), str) and record["image"]:
-            image_path = resolve_image(path, record["image"])
-            try:
-                with Image.open(image_path) as image:
-                    size = image.size
-            except (OSError, ValueError) as err:
-                issues.append(RegionIssue(str(path), line, "image", f"cannot open {image_path}: {err}"))
-        issues.extend(check_record(record, str(path), line, size, require_labels))
+    try:
+        for file, line, record, image in iter_region_records(path, check_images):
+            size = None
+            if image is not None:
+                opened, name = _open_image(image)
+                try:
+                    with Image.open(opened) as handle:
+                        size = handle.size
+                except (OSError, ValueError) as err:
+                    issues.append(RegionIssue(file, line, "image", f"cannot open {name}: {err}"))
+            issues.extend(check_record(record, file, line, size, require_labels))
+    except RegionDataError as err:
+        issues.extend(err.issues)
     return issues
 
 
@@ -176,7 +219,7 @@ def patch_budget_size(width: int, height: int, patch_size: int, max_patches: int
 
 
 def load_region_image(
-    path: str | Path,
+    path: str | Path | io.BytesIO,
     image_size: int,
     patch_size: int | None = None,
     max_patches: int | None = None,
@@ -205,13 +248,16 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class RegionDataset(torch.utils.data.Dataset):
-    """Region JSONL -> one sample per image with exactly `num_regions` regions.
+    """Region JSONL or region shards -> one sample per image with exactly `num_regions` regions.
 
     Regions (objects then OCR) are drawn without replacement when there are more than N; when fewer, all are kept
-    and the rest drawn with replacement. Draws depend only on (seed, epoch, index): reproducible in any worker.
+    and the rest drawn with replacement. Draws depend only on (seed, epoch, index): reproducible in any worker, and
+    equal for a JSONL and the shards written from it.
 
     Args:
-        path: a region JSONL whose objects carry "cluster" and OCR regions "tokens" (validated at construction).
+        path: a region JSONL whose objects carry "cluster" and OCR regions "tokens" (validated at construction), or
+            shards of one (a .parquet file or folder; read lazily, each record checked when its sample is read: check
+            them first with `python -m rice_mllm.pretrain.region_data check --require-labels`).
         image_size: S, the encoder's square input size.
         num_regions: N regions per image.
         max_tokens: P, token positives kept per OCR region (first P distinct tokens).
@@ -230,22 +276,32 @@ class RegionDataset(torch.utils.data.Dataset):
         max_patches: int | None = None,
         patch_size: int | None = None,
     ) -> None:
-        issues = check_region_file(path, check_images=False, require_labels=True)
-        if issues:
-            raise RegionDataError(issues)
         if max_patches is not None and (patch_size is None or max_patches < 1):
             raise ValueError(f"max_patches={max_patches} needs a patch_size and at least one patch")
         self.path, self.image_size, self.num_regions, self.max_tokens = Path(path), image_size, num_regions, max_tokens
         self.max_patches, self.patch_size = max_patches, patch_size
         self.seed, self.epoch = seed, 0
-        self.records = read_region_jsonl(path)
+        self.rows = ShardRows(path, required=REGION_COLUMNS) if is_shards(path) else None
+        self.records = None
+        if self.rows is None:
+            if issues := check_region_file(path, check_images=False, require_labels=True):
+                raise RegionDataError(issues)
+            self.records = read_region_jsonl(path)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw different regions in each epoch."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) if self.rows is None else len(self.rows)
+
+    def _record(self, index: int) -> tuple[str, int, dict, RegionImage]:
+        """(file, line or row, record, image) of sample `index`."""
+        if self.rows is None:
+            line, record = self.records[index]
+            return str(self.path), line, record, resolve_image(self.path, record["image"])
+        file, row = self.rows.locate(index)
+        return str(file), row, *_shard_record(self.rows[index], file, row)
 
     def _labels(self, kind: int, region: dict) -> list[int]:
         if kind == OBJECT:
@@ -254,22 +310,14 @@ class RegionDataset(torch.utils.data.Dataset):
         return tokens + [-1] * (self.max_tokens - len(tokens))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        line, record = self.records[index]
-        image_path = resolve_image(self.path, record["image"])
+        file, line, record, image = self._record(index)
+        opened, name = _open_image(image)
         try:
-            pixels, (width, height) = load_region_image(image_path, self.image_size, self.patch_size, self.max_patches)
+            pixels, (width, height) = load_region_image(opened, self.image_size, self.patch_size, self.max_patches)
         except (OSError, ValueError) as err:
-            raise RegionDataError(
-                [RegionIssue(str(self.path), line, "image", f"cannot open {image_path}: {err}")]
-            ) from err
-        # Bounds need the image size, which construction-time validation (no image I/O) did not have.
-        issues = [
-            RegionIssue(str(self.path), line, f"{kind}[{i}].box", problem)
-            for kind in ("objects", "ocr")
-            for i, region in enumerate(record.get(kind, []))
-            if (problem := _box_problem(region["box"], (width, height))) is not None
-        ]
-        if issues:
+            raise RegionDataError([RegionIssue(file, line, "image", f"cannot open {name}: {err}")]) from err
+        # Bounds need the image size, which a JSONL's construction-time validation (no image I/O) did not have.
+        if issues := check_record(record, file, line, (width, height), require_labels=True):
             raise RegionDataError(issues)
         regions = [(OBJECT, r) for r in record.get("objects", [])] + [(OCR, r) for r in record.get("ocr", [])]
         generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
@@ -304,62 +352,8 @@ def collate_regions(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {"pixel_values": pixels, "image_sizes": sizes, **batch}
 
 
-def convert_coco(
-    instances: str | Path, image_dir: str | Path, out: str | Path, keep_crowd: bool = False, min_edge: float = 0.0
-) -> dict:
-    """COCO instances JSON (bbox [x, y, w, h], category names) -> region JSONL with "label" = category name.
-
-    Boxes are clipped to the image; crowd boxes (unless keep_crowd), boxes degenerate after clipping, boxes whose
-    shorter side is under `min_edge` pixels (the paper keeps regions of 128 px and more) and images left with no box
-    are not written, and counted in the returned dict. Image paths are written relative to `out`.
-
-    Returns:
-        Counts: images, objects, crowd, degenerate, small, images_without_boxes.
-    """
-    with open(instances, encoding="utf-8") as f:
-        coco = json.load(f)
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise KeyError(f"{instances}: COCO instances need a {key!r} list, found keys {sorted(coco)}")
-    categories = {c["id"]: c["name"] for c in coco["categories"]}
-    images = {im["id"]: im for im in coco["images"]}
-    boxes: dict[int, list[dict]] = {i: [] for i in images}
-    counts = {"images": 0, "objects": 0, "crowd": 0, "degenerate": 0, "small": 0, "images_without_boxes": 0}
-    for ann in coco["annotations"]:
-        if ann["image_id"] not in images or ann["category_id"] not in categories:
-            raise KeyError(
-                f"{instances}: annotation {ann.get('id')} refers to image_id {ann['image_id']} / "
-                f"category_id {ann['category_id']}, not listed"
-            )
-        if ann.get("iscrowd", 0) and not keep_crowd:
-            counts["crowd"] += 1
-            continue
-        image = images[ann["image_id"]]
-        x, y, w, h = ann["bbox"]
-        box = [max(0.0, x), max(0.0, y), min(float(image["width"]), x + w), min(float(image["height"]), y + h)]
-        if not (box[0] < box[2] and box[1] < box[3]):
-            counts["degenerate"] += 1
-            continue
-        if min(box[2] - box[0], box[3] - box[1]) < min_edge:
-            counts["small"] += 1
-            continue
-        boxes[ann["image_id"]].append({"box": [round(v, 2) for v in box], "label": categories[ann["category_id"]]})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for image_id, image in images.items():
-            if not boxes[image_id]:
-                counts["images_without_boxes"] += 1
-                continue
-            path = os.path.relpath(Path(image_dir).resolve() / image["file_name"], out.parent.resolve())
-            f.write(json.dumps({"image": path, "objects": boxes[image_id], "ocr": []}) + "\n")
-            counts["images"] += 1
-            counts["objects"] += len(boxes[image_id])
-    return counts
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`convert-coco` and `check` commands; returns the exit status (1 when `check` finds problems)."""
+    """`convert-coco`, `to-shards` and `check` commands; returns the exit status (1 when `check` finds problems)."""
     parser = argparse.ArgumentParser(prog="python -m rice_mllm.pretrain.region_data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert-coco", help="COCO instances JSON -> region JSONL")
@@ -368,14 +362,28 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--out", required=True, help="region JSONL to write")
     convert.add_argument("--keep-crowd", action="store_true", help="keep iscrowd boxes")
     convert.add_argument("--min-edge", type=float, default=0.0, help="drop boxes with a shorter side (paper: 128 px)")
-    check = commands.add_parser("check", help="report every bad record of region JSONL files")
-    check.add_argument("files", nargs="+")
+    convert.add_argument("--shards", help="also write the JSONL as shards into this folder (see to-shards)")
+    to_shards = commands.add_parser("to-shards", help="region JSONL + its images -> Parquet shards with the bytes")
+    to_shards.add_argument("--data", required=True, help="region JSONL")
+    to_shards.add_argument("--out", dest="shards", required=True, help="an empty (or new) folder for the shards")
+    for command in (convert, to_shards):
+        command.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD)
+        command.add_argument("--rows-per-group", type=int, default=ROWS_PER_GROUP, help="rows a random read decodes")
+    check = commands.add_parser("check", help="report every bad record of region JSONL files or shards")
+    check.add_argument("files", nargs="+", help="region JSONL files, .parquet shards or folders of them")
     check.add_argument("--no-images", action="store_true", help="skip opening images (no existence/bounds check)")
     check.add_argument("--require-labels", action="store_true", help="objects need 'cluster', OCR needs 'tokens'")
     args = parser.parse_args(argv)
+    from rice_mllm.pretrain.region_convert import convert_coco, write_region_shards  # (it imports this module)
+
     if args.command == "convert-coco":
         counts = convert_coco(args.instances, args.images, args.out, args.keep_crowd, args.min_edge)
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if args.command in ("convert-coco", "to-shards") and args.shards:
+        data = args.out if args.command == "convert-coco" else args.data
+        counts = write_region_shards(data, args.shards, args.rows_per_shard, args.rows_per_group)
+        print(f"wrote {args.shards}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if args.command != "check":
         return 0
     total = 0
     for file in args.files:

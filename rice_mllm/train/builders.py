@@ -7,7 +7,7 @@ stage 0 and tests replace to run the same loop on other models). Invariant: buil
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,11 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..checkpoint_layout import check_model_dir, full_model_dir, resolve_model_dir
 from ..data.collate import PaddingCollator
+from ..data.conversation_shards import ConversationShards
 from ..data.dataset import ConversationDataset
 from ..data.packing import PackingCollator
-from ..data.sources import Conversation, conversation_from_raw, iter_raw_records, load_conversations, parse_record
+from ..data.shards import is_shards
+from ..data.sources import Conversation, load_conversations
 from ..mllm.assembly import TINY_TOKENIZER, assemble_model, build_processor
 from ..mllm.modeling import RiceMllmForConditionalGeneration
 from ..mllm.processing import RiceMllmProcessor
@@ -98,17 +100,11 @@ def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
     return assemble_model(vision_source(config), config.model.llm, processor)
 
 
-def _load_conversations(path: Path, image_folder: str | None) -> list[Conversation]:
-    if image_folder is None:  # relative image paths resolve against the data file's folder
-        return load_conversations(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    return [
-        conversation_from_raw(raw, path)
-        if raw.error
-        else parse_record(raw.value, str(path), raw.index, Path(image_folder))
-        for raw in iter_raw_records(path)
-    ]
+def _load_conversations(path: Path, image_folder: str | None) -> Sequence[Conversation]:
+    """A LLaVA .json / .jsonl file's records, or Parquet shards' (a .parquet file or folder), read row by row."""
+    if is_shards(path):
+        return ConversationShards(path, image_folder)
+    return load_conversations(path, image_folder)
 
 
 def build_dataset(config: TrainConfig, processor: RiceMllmProcessor) -> Dataset:
@@ -120,7 +116,7 @@ def build_dataset(config: TrainConfig, processor: RiceMllmProcessor) -> Dataset:
     d = config.data
     prepare_tiny_world(config)
     if not d.train_files:
-        raise ValueError("data.train_files is empty: name LLaVA .json/.jsonl files")
+        raise ValueError("data.train_files is empty: name LLaVA .json/.jsonl files or Parquet shards")
     parts = []
     for file in d.train_files:
         conversations = _load_conversations(Path(file), d.image_folder)

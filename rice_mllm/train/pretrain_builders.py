@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 from transformers import AutoTokenizer
 
+from ..data.shards import is_shards
 from ..presets import list_presets, load_preset
 from ..pretrain.clusters import LABEL_HASH_TEACHER, label_region_file
 from ..pretrain.modeling import RegionPretrainConfig, RicePretrainModel
-from ..pretrain.region_data import RegionDataset, collate_regions, read_region_jsonl
+from ..pretrain.region_data import RegionDataset, collate_regions, iter_region_records
 from ..vision import RiceVisionConfig
 from .builders import Builders, llm_tokenizer, prepare_tiny_world, vision_source
 from .config import TrainConfig
@@ -40,12 +41,20 @@ class RegionInputs:
 
 
 def _object_values(files: list[Path], key: str) -> list:
-    return [o[key] for f in files for _, r in read_region_jsonl(f) for o in r.get("objects", []) if key in o]
+    """Every object's `key` in region JSONL files or shards (shards: their `regions` column only, no image)."""
+    return [o[key] for f in files for *_, r, _ in iter_region_records(f) for o in r.get("objects", []) if key in o]
 
 
 def _label(config: TrainConfig, tokenizer: str) -> Path:
     """Label the one train file with `pretrain.teacher` into the run folder (skipped when already there)."""
     p, files = config.pretrain, config.data.train_files
+    if shards := [f for f in files if is_shards(f)]:
+        raise ValueError(
+            f"pretrain.teacher={p.teacher!r} labels a region JSONL, got shards {shards}: label the JSONL they came "
+            "from (`python -m rice_mllm.pretrain.clusters --data regions.jsonl --out labelled.jsonl ...`), write its "
+            "shards (`python -m rice_mllm.pretrain.region_data to-shards --data labelled.jsonl --out shards/`) and "
+            "train on them with pretrain.teacher=null"
+        )
     if len(files) != 1:
         raise ValueError(
             f"pretrain.teacher={p.teacher!r} labels one region file, got data.train_files={files}: label them together "
@@ -110,7 +119,8 @@ class RegionFiles(ConcatDataset):
 
 
 def build_region_dataset(config: TrainConfig, inputs: RegionInputs) -> RegionFiles:
-    """One RegionDataset per labelled file at the encoder's input size (or patch budget), seeded with `optim.seed`."""
+    """One RegionDataset per labelled file or shards (a .parquet file or folder) at the encoder's input size (or patch
+    budget), seeded with `optim.seed`."""
     p = config.pretrain
     size = inputs.vision_config.image_size
     patch = inputs.vision_config.patch_size
