@@ -89,6 +89,8 @@ def test_json_and_jsonl_records(tmp_path):
         assert loaded[1].metadata == {"id": "x2", "question_type": "compare"}
         assert loaded[2].images == []
         assert [image.size for image in open_images(loaded[1])] == [(40, 30), (40, 30)]
+        elsewhere = load_conversations(tmp_path / name, image_folder=tmp_path / "elsewhere")  # data.image_folder
+        assert elsewhere[0].images == [tmp_path / "elsewhere" / "imgs" / "a.png"] and elsewhere[1].images[1] == absolute
 
 
 @pytest.mark.parametrize(
