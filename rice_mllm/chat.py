@@ -204,14 +204,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 LOAD_ERRORS = (ChatInputError, CheckpointFormatError, CheckpointMismatchError, OSError, RuntimeError, ValueError)
 
 
+def model_dir_of(model: Path | None) -> Path:
+    """`--model` as given, else the tiny world's model (DEFAULT_MODEL); ChatInputError when that is absent too."""
+    if model is None and not DEFAULT_MODEL.is_dir():
+        raise ChatInputError(f"no --model given and no tiny-world model at {DEFAULT_MODEL}; {HOW_TO_TRAIN}")
+    return model or DEFAULT_MODEL
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chat (or answer `--prompt` once). Returns the exit status: 0, or 2 with a message on stderr."""
     args = parse_args(argv)
-    model_dir = args.model or DEFAULT_MODEL
-    if args.model is None and not model_dir.is_dir():
-        print(f"error: no --model given and no tiny-world model at {model_dir}; {HOW_TO_TRAIN}", file=sys.stderr)
-        return 2
     try:
+        model_dir = model_dir_of(args.model)
         images = [read_user_image(path) for path in args.image]  # before the slow model load: a typo fails fast
         model, processor = load_for_inference(model_dir, args.device, args.dtype, args.load_4bit)
     except LOAD_ERRORS as error:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint_layout import (
@@ -60,6 +60,8 @@ def read_image(source: str | Path | BinaryIO, name: str, max_pixels: int = MAX_I
             return handle.convert("RGB")
     except ImageReadError:
         raise
+    except UnidentifiedImageError:  # its message names the file object, an address when it is in memory
+        raise ImageReadError(f"cannot read {name} as an image: not a known image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read {name} as an image: {error}") from None
 
