@@ -9,6 +9,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the kit, when not pip-installed
-from rice_mllm.train.trainer import main  # noqa: E402
+from rice_mllm.train.trainer import cli  # noqa: E402
 
-main(["--config", os.path.splitext(os.path.abspath(__file__))[0] + ".yaml", *sys.argv[1:]])
+cli(["--config", os.path.splitext(os.path.abspath(__file__))[0] + ".yaml", *sys.argv[1:]])

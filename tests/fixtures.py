@@ -35,7 +35,7 @@ from rice_mllm.mllm.configuration import RiceMllmConfig
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.presets import load_preset
 from rice_mllm.train.builders import Builders
-from rice_mllm.train.trainer import main
+from rice_mllm.train.trainer import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ def toy_builders(n: int = 32, delay: float = 0.0) -> Builders:
 
 
 if __name__ == "__main__":  # the trainer CLI on the toy model for subprocess tests (TOY_DELAY: seconds per sample)
-    main(
+    cli(
         sys.argv[1:],
         toy_builders(n=int(os.environ.get("TOY_SAMPLES", "32")), delay=float(os.environ.get("TOY_DELAY", "0"))),
     )

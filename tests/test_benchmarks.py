@@ -49,3 +49,13 @@ def test_cluster_benchmark_runs_each_backend_and_checks_assignments(monkeypatch,
     assert out.count("exact nearest") == 4 and len(results) == 4
     assert results["torch (kit) 600x4->6"]["exact_share"] == results["faiss flat 600x4->6"]["exact_share"] == 1.0
     assert all(r["wall_s"] > 0 and r["peak_gib"] > 0 and 0.5 < r["exact_share"] <= 1 for r in results.values())
+
+
+@pytest.mark.multirank
+def test_stage0_ranks_benchmark_runs_on_one_and_two_ranks_and_counts_bytes(bench, capsys):
+    args = ["--vision", "rice-vit-tiny", "--images", "16", "--global-batch", "4", "--steps", "4"]
+    result = bench("bench_stage0_ranks")["main"](args)
+    out = capsys.readouterr().out
+    assert "scaling efficiency on 2 ranks" in out and all(rate > 0 for rate in result["images_per_s"].values())
+    sharded, replicated = result["bytes_8"]
+    assert 1 < replicated / sharded < 3  # the region traffic of a 320K-region batch is large: sharding halves it

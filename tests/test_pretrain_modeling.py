@@ -140,3 +140,45 @@ def test_tiny_world_labels_and_trains(tmp_path):
     out = model(**collate_regions([dataset[i] for i in range(4)]))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.num_objects > 0
+
+
+def _two_rank_worker(rank, port, batch, state, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _model().double()  # this rank's half of every centre matrix
+        model.load_state_dict({k: v for k, v in state.items() if not k.endswith("_loss.weight")}, strict=False)
+        with torch.no_grad():
+            for loss in (model.object_loss, model.ocr_loss):
+                name = "object_loss.weight" if loss is model.object_loss else "ocr_loss.weight"
+                loss.weight.copy_(state[name][loss.class_start : loss.class_end])
+        half = {key: value[rank : rank + 1] for key, value in batch.items()}  # one image per rank
+        model(**half).loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if name.startswith("encoder.")}
+        torch.save(grads, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multirank
+def test_the_average_of_the_ranks_encoder_gradients_is_the_one_process_gradient(batch, tmp_path):
+    """Each rank's loss is the global batch's; data-parallel engines average gradients, so the model scales the
+    embeddings' gradient by the world size: the average over ranks equals the gradient of one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    model = _model().double()  # float64: the comparison is of the gradient's scale, not of rounding
+    batch = {key: value.double() if value.is_floating_point() else value for key, value in batch.items()}
+    model(**batch).loss.backward()
+    expected = {name: p.grad for name, p in model.named_parameters() if name.startswith("encoder.")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mp.start_processes(_two_rank_worker, args=(port, batch, state, str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, grad in expected.items():
+        torch.testing.assert_close((ranks[0][name] + ranks[1][name]) / 2, grad, rtol=1e-7, atol=1e-10)

@@ -1,6 +1,7 @@
 """Margin-based cluster discrimination losses of RICE stage 0 (DESIGN.md section 4) with PartialFC negative sampling.
 
-Invariant: with centres sharded over ranks, loss and gradients equal the single-process loss of the global batch.
+Invariant: with centres sharded over ranks, loss and gradients equal the single-process loss of the global batch, and
+so do the initial centres and the sampled negatives: neither depends on how the classes or the batch are split.
 """
 
 import math
@@ -18,9 +19,61 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def world_size() -> int:
+    return _world()[1]
+
+
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
     """Classes [start, end) held by `rank`: contiguous, sizes differ by at most one."""
     return num_classes * rank // world_size, num_classes * (rank + 1) // world_size
+
+
+INIT_BLOCK_ROWS = 4096  # centre rows drawn per seed: any split of K into shards draws the same matrix
+INIT_STD = 0.01  # centres are normalised at use, so only their direction matters
+
+
+def init_centre_rows(start: int, end: int, embed_dim: int, seed: int) -> torch.Tensor:
+    """Rows [start, end) of a [K, E] N(0, INIT_STD^2) matrix whose block of INIT_BLOCK_ROWS rows b is drawn from
+    seed + b: each rank draws only the blocks its shard touches, and the rows equal those of one process."""
+    if end <= start:
+        return torch.empty(0, embed_dim)
+    first, last = start // INIT_BLOCK_ROWS, (end - 1) // INIT_BLOCK_ROWS
+    blocks = [
+        torch.randn(INIT_BLOCK_ROWS, embed_dim, generator=torch.Generator().manual_seed(seed + block))
+        for block in range(first, last + 1)
+    ]
+    offset = first * INIT_BLOCK_ROWS
+    return torch.cat(blocks)[start - offset : end - offset].mul_(INIT_STD)
+
+
+def labels_generator(labels: torch.Tensor) -> torch.Generator:
+    """A generator seeded by an order-free hash of a batch's label rows (the sum of one mixed hash per row).
+
+    Seeding negatives from the global batch itself makes them the same on every rank, for any split of the batch
+    over ranks, and on a resumed run, with no RNG state to keep; other batches (new region draws each epoch) get
+    other negatives.
+    """
+    powers = torch.full((labels.shape[1],), 1_000_003, dtype=torch.int64, device=labels.device).cumprod(0)
+    rows = ((labels.long() + 2) * powers).sum(dim=1)  # int64 arithmetic wraps: hashes, not values
+    rows = (rows ^ (rows >> 31)) * 6364136223846793005
+    seed = (rows ^ (rows >> 29)).sum() & (2**62 - 1)
+    return torch.Generator(device=labels.device).manual_seed(int(seed))
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; the gradient is multiplied by `factor` on the way back."""
+    return _ScaleGradient.apply(x, factor)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -124,8 +177,9 @@ class _ClusterDiscriminationLoss(nn.Module):
         rank, world = _world()
         self.num_classes, self.scale, self.margin, self.sample_ratio = num_classes, scale, margin, sample_ratio
         self.class_start, self.class_end = shard_range(num_classes, rank, world)
-        # This rank's rows of the [K, E] centre matrix; normalised at use, so the init scale is irrelevant.
-        self.weight = nn.Parameter(torch.randn(self.class_end - self.class_start, embed_dim).mul_(0.01))
+        # This rank's rows of the [K, E] centre matrix; the seed comes from the global RNG, the same on every rank.
+        seed = int(torch.randint(0, 2**62, ()))
+        self.weight = nn.Parameter(init_centre_rows(self.class_start, self.class_end, embed_dim, seed))
 
     def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.shape[0] != labels.shape[0]:
@@ -144,10 +198,13 @@ class _ClusterDiscriminationLoss(nn.Module):
         if num_valid == 0:
             # Keep every parameter in the graph so DDP / ZeRO see a gradient (zero) on every rank.
             return (embeddings.sum() + self.weight.sum()) * 0.0
-        # Positives in this shard, as local ids, then the scored classes (every positive is scored).
+        # The scored classes, drawn over all K on every rank alike (every positive is scored), then this shard's.
+        if generator is None and self.sample_ratio < 1.0:
+            generator = labels_generator(labels)
+        scored = sample_classes(labels[labels >= 0], self.num_classes, self.sample_ratio, generator)
+        index = scored[(scored >= self.class_start) & (scored < self.class_end)] - self.class_start  # [S]
         local = labels - self.class_start
         in_shard = (labels >= 0) & (local >= 0) & (local < self.weight.shape[0])
-        index = sample_classes(local[in_shard], self.weight.shape[0], self.sample_ratio, generator)  # [S]
         centres = F.normalize(self.weight[index].to(dtype), dim=-1)  # [S, E]
         cosine = embeddings @ centres.T  # [M, S]
         slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=labels.device)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rice_mllm.pretrain.losses import ClusterMarginLoss, MultiLabelClusterLoss
+from rice_mllm.pretrain.losses import ClusterMarginLoss, MultiLabelClusterLoss, scale_gradient, world_size
 from rice_mllm.pretrain.region_data import OBJECT, OCR
 from rice_mllm.pretrain.region_head import RegionTransformer, box_patch_masks, encode_for_regions
 from rice_mllm.vision import RiceVisionConfig, RiceVisionModel
@@ -113,9 +113,9 @@ class RicePretrainModel(nn.Module):
         return []
 
     def sharded_parameter_names(self) -> list[str]:
-        """Names of the class-centre parameters, whose rows differ per rank: keep them out of DDP/ZeRO gradient
-        averaging and save them per rank (trainer state), unlike every other parameter."""
-        return [name for name, _ in self.named_parameters() if name.startswith(("object_loss.", "ocr_loss."))]
+        """The class centres, whose rows differ per rank (each holds K / world rows): a trainer keeps them out of
+        data-parallel averaging and saves them per rank, unlike every other parameter."""
+        return ["object_loss.weight"] + (["ocr_loss.weight"] if self.ocr_loss is not None else [])
 
     def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the stage-0 artefact, the plain encoder in the MLCD layout (config.json + model.safetensors), so a
@@ -176,6 +176,9 @@ class RicePretrainModel(nn.Module):
             RicePretrainOutput.
         """
         embeddings = self.region_embeddings(pixel_values, boxes, image_sizes).flatten(0, 1)  # [B*N, E]
+        # The loss is the global batch's on every rank, and data-parallel engines average gradients over ranks: the
+        # embeddings' gradient is scaled by the world size so that the average is the global loss's, as in one process.
+        embeddings = scale_gradient(embeddings, world_size())
         kinds, labels, valid = kinds.flatten(), labels.flatten(0, 1), valid.flatten()  # [B*N], [B*N, P], [B*N]
         objects, ocr = valid & (kinds == OBJECT), valid & (kinds == OCR)
         object_loss = self.object_loss(embeddings[objects], labels[objects, 0])

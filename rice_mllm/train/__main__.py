@@ -1,5 +1,5 @@
 """`python -m rice_mllm.train --config recipes/X.yaml [a.b=value ...]`: run one training stage."""
 
-from .trainer import main
+from .trainer import cli
 
-main()
+cli()

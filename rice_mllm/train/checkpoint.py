@@ -12,6 +12,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +29,15 @@ from ..checkpoint_layout import (
     list_checkpoints,
 )
 from .config import TrainConfig, save_config
-from .engine import barrier, full_state_dict, rank, world_size
+from .engine import TorchEngine, barrier, full_state_dict, rank, world_size
 from .lora import save_lora_dir
 from .stages import unwrap
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_TAG = "engine"
+_UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+_UNIVERSAL_DIR = "universal"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -55,8 +59,8 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def _rng_file(state_dir: Path) -> Path:
-    return state_dir / f"rng_rank{rank()}.safetensors"
+def _rng_file(state_dir: Path, rank_: int) -> Path:
+    return state_dir / f"rng_rank{rank_}.safetensors"
 
 
 def save_rng_state(state_dir: Path) -> None:
@@ -71,14 +75,17 @@ def save_rng_state(state_dir: Path) -> None:
     if torch.cuda.is_available():
         tensors.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     scalars = {"python": [version, gauss], "numpy": [kind, position, has_gauss, cached]}
-    save_file(tensors, str(_rng_file(state_dir)), metadata={"scalars": json.dumps(scalars)})
+    save_file(tensors, str(_rng_file(state_dir, rank())), metadata={"scalars": json.dumps(scalars)})
 
 
 def load_rng_state(state_dir: Path) -> None:
-    """Restore what `save_rng_state` wrote for this rank (safetensors and JSON: no pickle is read)."""
+    """Restore what `save_rng_state` wrote for this rank (safetensors and JSON: no pickle is read); a rank the saving
+    run did not have (a resume on more ranks) takes rank 0's state."""
     from safetensors import safe_open
 
-    path = _rng_file(state_dir)
+    path = _rng_file(state_dir, rank())
+    if not path.is_file():
+        path = _rng_file(state_dir, 0)
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as handle:
         scalars = json.loads(handle.metadata()["scalars"])
@@ -116,7 +123,7 @@ def _publish(tmp: Path, final: Path, save_total_limit: int | None) -> None:
 
 
 def save_checkpoint(
-    engine, config: TrainConfig, progress: dict, processor=None, lora_base: str | None = None
+    engine, config: TrainConfig, progress: dict, processor=None, lora_base: str | None = None, sharded=None
 ) -> Path | None:
     """Save model, engine state, RNG and data position atomically; call on every rank.
 
@@ -129,6 +136,7 @@ def save_checkpoint(
         progress: `{"step", "epoch", "samples_in_epoch", ...}`; `step` names the folder.
         processor: saved into `model/` (contract.SavedWithModel), or None.
         lora_base: for a PEFT model, the base model folder its adapter applies to.
+        sharded: the run's ShardedParameters (each rank writes its rows), or None.
 
     Returns:
         The final checkpoint path on rank 0, None elsewhere.
@@ -143,8 +151,16 @@ def save_checkpoint(
         state_dir.mkdir(parents=True)
     barrier()
     state_dict = full_state_dict(engine)  # collective under ZeRO-3
-    engine.save_checkpoint(str(state_dir), tag=_ENGINE_TAG, exclude_frozen_parameters=True, save_latest=False)
+    engine.save_checkpoint(
+        str(state_dir),
+        tag=_ENGINE_TAG,
+        client_state=_UNIVERSAL_INFO,  # lets DeepSpeed convert it for another world size (ds_to_universal)
+        exclude_frozen_parameters=True,
+        save_latest=False,
+    )
     save_rng_state(state_dir)
+    if sharded is not None:
+        sharded.save(state_dir)
     if rank() == 0:
         _save_model_dir(engine, state_dict, tmp / MODEL_DIR, processor, lora_base)
         save_config(config, tmp / RUN_CONFIG_FILE)
@@ -156,27 +172,57 @@ def save_checkpoint(
     return final if rank() == 0 else None
 
 
-def load_checkpoint(engine, path: str | os.PathLike) -> dict:
-    """Restore engine state and this rank's RNG from a checkpoint; returns its progress dict.
+def saved_world_size(path: str | os.PathLike) -> int:
+    """The number of ranks that wrote a checkpoint."""
+    return json.loads((Path(path) / TRAINER_STATE_DIR / STATE_FILE).read_text())["world_size"]
 
-    Raises:
-        ValueError: the checkpoint was written by a different number of ranks (its data order would differ).
+
+def _universal_engine_dir(state_dir: Path) -> Path:
+    """The engine state in DeepSpeed's universal format (any world size), converted once by rank 0 and kept beside
+    the original; the conversion goes into a `.tmp` folder first, so a crash never leaves half of one."""
+    universal = state_dir / _UNIVERSAL_DIR
+    if rank() == 0 and not universal.is_dir():
+        tmp = state_dir / (_UNIVERSAL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+        command += ["--input_folder", str(state_dir / _ENGINE_TAG), "--output_folder", str(tmp / _ENGINE_TAG)]
+        command += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{state_dir}: DeepSpeed's ds_to_universal failed:\n{done.stderr[-2000:]}")
+        tmp.rename(universal)
+        logger.info("converted %s to DeepSpeed's universal format for %d ranks", state_dir, world_size())
+    barrier()
+    return universal
+
+
+def load_checkpoint(engine, path: str | os.PathLike, sharded=None) -> dict:
+    """Restore engine state, this rank's RNG and the sharded parameters from a checkpoint; returns its progress.
+
+    A checkpoint written by another number of ranks loads through DeepSpeed's universal format (the engine must
+    have been built with `load_universal`), and sharded parameters are re-sharded; the data position is a step
+    count, which the caller checks against the batch geometry.
     """
     state_dir = Path(path) / TRAINER_STATE_DIR
     progress = json.loads((state_dir / STATE_FILE).read_text())
+    engine_dir = state_dir
     if progress["world_size"] != world_size():
-        raise ValueError(
-            f"{path}: saved with {progress['world_size']} ranks, now {world_size()}: exact resume "
-            f"needs the same count (start a new run with model.init_from={path} instead)"
-        )
+        if isinstance(engine, TorchEngine):
+            raise ValueError(
+                f"{path}: saved on {progress['world_size']} ranks; resuming on another count goes through "
+                "DeepSpeed: set `deepspeed` to a ZeRO JSON (the recipes' own)"
+            )
+        engine_dir = _universal_engine_dir(state_dir)
     engine.load_checkpoint(
-        str(state_dir),
+        str(engine_dir),
         tag=_ENGINE_TAG,
         load_module_strict=False,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     load_rng_state(state_dir)
+    if sharded is not None:
+        sharded.load(state_dir)
     return progress
 
 

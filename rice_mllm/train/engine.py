@@ -170,21 +170,36 @@ class TorchEngine:
         self.micro_steps = state["micro_steps"]
 
 
-def build_engine(model: nn.Module, groups: list[dict], config: TrainConfig, total_steps: int):
+def adamw(groups: list[dict]) -> torch.optim.AdamW:
+    """The kit's optimizer, for the engine's parameters and for sharded ones alike."""
+    # torch AdamW, not DeepSpeed's cpu_adam/fused_adam: those JIT-compile for ~90 s and add nothing on CPU
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_schedule(optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """`optim.scheduler` with `optim.warmup_ratio` of the steps warming up."""
+    warmup = int(round(config.optim.warmup_ratio * total_steps))
+    return get_scheduler(config.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def build_engine(
+    model: nn.Module, groups: list[dict], config: TrainConfig, total_steps: int, load_universal: bool = False
+):
     """AdamW over `groups` with the configured schedule, wrapped by DeepSpeed or by TorchEngine.
+
+    Args:
+        load_universal: the engine will load a DeepSpeed universal checkpoint (a resume at another world size).
 
     Returns:
         An engine: `engine(**batch)`, `.backward(loss)`, `.step()`, `.save_checkpoint`, `.load_checkpoint`,
         `.module`, `.lr_scheduler` (one lr per group, in `groups` order).
     """
     o = config.optim
-    warmup = int(round(o.warmup_ratio * total_steps))
 
     def schedule(optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        return get_scheduler(o.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        return lr_schedule(optimizer, config, total_steps)
 
-    # torch AdamW, not DeepSpeed's cpu_adam/fused_adam: those JIT-compile for ~90 s and add nothing on CPU
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = adamw(groups)
     if config.deepspeed is None:
         if world_size() > 1:
             raise ValueError(f"{world_size()} ranks but deepspeed is null: set deepspeed to a ZeRO JSON")
@@ -193,9 +208,10 @@ def build_engine(model: nn.Module, groups: list[dict], config: TrainConfig, tota
     import deepspeed
 
     # a callable scheduler is built by DeepSpeed on its wrapped optimizer and stepped at each boundary
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=load_deepspeed_config(config)
-    )
+    ds_config = load_deepspeed_config(config)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     return engine
 
 

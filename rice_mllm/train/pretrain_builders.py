@@ -25,7 +25,8 @@ from ..pretrain.region_data import RegionDataset, collate_regions, iter_region_r
 from ..vision import RiceVisionConfig
 from .builders import Builders, llm_tokenizer, prepare_tiny_world, vision_source
 from .config import TrainConfig
-from .engine import barrier, rank
+from .engine import barrier, rank, world_size
+from .sharded import check_centre_memory
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,12 @@ def build_region_inputs(config: TrainConfig) -> RegionInputs:
 
 
 def build_pretrain_model(config: TrainConfig, inputs: RegionInputs) -> nn.Module:
-    """RicePretrainModel: a random encoder for a preset `model.vision`, else that encoder dir's weights."""
+    """RicePretrainModel: a random encoder for a preset `model.vision`, else that encoder dir's weights. The class
+    centres' memory per rank is printed, and checked against the device, before any is allocated."""
     head = RegionPretrainConfig.from_settings(config.pretrain, inputs.num_clusters, inputs.vocab_size)
+    rows = {"object": inputs.num_clusters} | ({"OCR": inputs.vocab_size} if inputs.vocab_size else {})
+    embed_dim = head.embed_dim or inputs.vision_config.hidden_size
+    check_centre_memory(list(rows), list(rows.values()), embed_dim, world_size())
     vision = vision_source(config)
     if vision in list_presets():
         return RicePretrainModel(inputs.vision_config, head)

@@ -37,7 +37,7 @@ from ..checkpoint_layout import (
 from ..data.dataset import dataset_lengths
 from ..loading import CheckpointMismatchError
 from .builders import DEFAULT_BUILDERS, Builders
-from .checkpoint import clean_incomplete, load_checkpoint, save_checkpoint
+from .checkpoint import clean_incomplete, load_checkpoint, save_checkpoint, saved_world_size
 from .config import TrainConfig, load_config, save_config
 from .contract import EpochDataset, SavedWithModel, check_trainable
 from .data_order import epoch_batches
@@ -45,6 +45,7 @@ from .engine import build_engine, device, init_distributed, rank, world_size
 from .lora import inject_lora
 from .metrics import MetricsLog
 from .pretrain_builders import STAGE0_BUILDERS
+from .sharded import ShardedParameters
 from .stages import Stage, apply_stage, get_stage, parameter_table
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class Run:
     frozen_abs_sum: float  # sum |w| of the frozen weights, which checkpoints do not hold
     processor: SavedWithModel | None
     lora_base: str | None
+    sharded: ShardedParameters | None  # parameters whose rows differ per rank (stage 0's class centres)
+
+    def lrs(self) -> list[float]:
+        """The current learning rate of every group in `group_names` order."""
+        return [*self.engine.lr_scheduler.get_last_lr(), *(self.sharded.last_lrs() if self.sharded else [])]
 
 
 def _resume_path(config: TrainConfig) -> str | None:
@@ -124,16 +130,6 @@ def start_run(config: TrainConfig) -> str | None:
         save_config(config, os.path.join(config.output_dir, RUN_CONFIG_FILE))
     set_seed(config.optim.seed)
     return resume
-
-
-def _check_replicated(model: nn.Module) -> None:
-    sharded = model.sharded_parameter_names()
-    if sharded and world_size() > 1:
-        # the engine averages every gradient over ranks, which would mix rows that are different classes per rank
-        raise NotImplementedError(
-            f"{world_size()} ranks, but {sharded} hold different rows per rank (sharded class centres) and the "
-            "trainer has no per-rank optimizer for them yet: run stage 0 in one process"
-        )
 
 
 def _enable_activation_checkpointing(model: nn.Module) -> None:
@@ -160,14 +156,14 @@ def frozen_abs_sum(model: nn.Module) -> float:
     return sum(float(p.detach().double().abs().sum()) for p in model.parameters() if not p.requires_grad)
 
 
-def build_run(config: TrainConfig, builders: Builders) -> Run:
-    """Inputs, model (stage applied, LoRA added), data, step plan and engine, in the order the seed fixes."""
+def build_run(config: TrainConfig, builders: Builders, resume: str | None = None) -> Run:
+    """Inputs, model (stage applied, LoRA added), data, step plan and engine, in the order the seed fixes; `resume`
+    (the checkpoint the run will load) decides whether the engine must read another world size's state."""
     stage = get_stage(config.stage)
     inputs = builders.inputs(config)
     processor = inputs if isinstance(inputs, SavedWithModel) else None
     model = builders.model(config, inputs)
     check_trainable(model)
-    _check_replicated(model)
     if config.model.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     lora_base = None
@@ -181,14 +177,17 @@ def build_run(config: TrainConfig, builders: Builders) -> Run:
     lengths = dataset_lengths(dataset) if config.data.group_by_length else None
     plan = StepPlan.for_run(config, len(dataset))
     frozen = frozen_abs_sum(model)
-    engine = build_engine(model, groups, config, plan.total_steps)  # (partitions parameters under ZeRO-3)
-    names = [g["name"] for g in groups]
-    return Run(config, engine, names, dataset, collate, lengths, plan, frozen, processor, lora_base)
+    # before the engine: it must never see them (taken out of the model and of `groups`)
+    sharded = ShardedParameters(model, groups, config, plan.total_steps) if model.sharded_parameter_names() else None
+    universal = resume is not None and saved_world_size(resume) != world_size()
+    engine = build_engine(model, groups, config, plan.total_steps, universal)  # (partitions parameters under ZeRO-3)
+    names = [g["name"] for g in groups] + (sharded.group_names if sharded else [])
+    return Run(config, engine, names, dataset, collate, lengths, plan, frozen, processor, lora_base, sharded)
 
 
 def resume_run(run: Run, path: str) -> int:
     """Restore a checkpoint into the run's engine and return its step, after checking it belongs to this run."""
-    saved = load_checkpoint(run.engine, path)
+    saved = load_checkpoint(run.engine, path, run.sharded)
     plan = run.plan
     if (saved["samples_per_step"], saved["total_steps"]) != (plan.samples_per_step, plan.total_steps):
         raise ValueError(
@@ -236,6 +235,8 @@ def train_step(run: Run, batches) -> tuple[float, float]:
         run.engine.backward(loss)
         run.engine.step()
         stats += torch.stack([loss.detach().double(), _throughput_units(batch)])
+    if run.sharded is not None:
+        run.sharded.step()  # the engine's accumulation boundary is the last micro-batch's step
     if world_size() > 1:
         torch.distributed.all_reduce(stats)
     return stats[0].item() / (o.grad_accum * world_size()), stats[1].item() / (time.perf_counter() - start)
@@ -281,10 +282,10 @@ def run_steps(run: Run, step: int) -> int:
             step += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step} (epoch {(step - 1) // plan.steps_per_epoch})")
-            log.log(step, loss, run.engine.lr_scheduler.get_last_lr(), units_per_s, (step - 1) // plan.steps_per_epoch)
+            log.log(step, loss, run.lrs(), units_per_s, (step - 1) // plan.steps_per_epoch)
             bar.update(1)
             if step % c.save_steps == 0 or step == plan.total_steps:
-                save_checkpoint(run.engine, c, _progress(run, step), run.processor, run.lora_base)
+                save_checkpoint(run.engine, c, _progress(run, step), run.processor, run.lora_base, run.sharded)
                 last_saved = step
             if step == plan.total_steps:
                 break
@@ -301,7 +302,7 @@ def train(config: TrainConfig, builders: Builders | None = None) -> str | None:
     """
     builders = builders or STAGE_BUILDERS.get(config.stage, DEFAULT_BUILDERS)
     resume = start_run(config)
-    run = build_run(config, builders)
+    run = build_run(config, builders, resume)
     step = resume_run(run, resume) if resume is not None else 0
     last_saved = run_steps(run, step)
     final = os.path.join(config.output_dir, checkpoint_dir_name(last_saved))
@@ -335,3 +336,13 @@ def main(argv: list[str] | None = None, builders: Builders | None = None) -> str
         return train(config, builders)
     except (CheckpointFormatError, CheckpointMismatchError) as error:  # a bad model folder: one line, not a trace
         raise SystemExit(f"error: {error}") from None
+
+
+def cli(argv: list[str] | None = None, builders: Builders | None = None) -> None:
+    """The command-line entry: `main`, then the process group is torn down (one left to the interpreter's exit can
+    abort it with "terminate called without an active exception")."""
+    try:
+        main(argv, builders)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
