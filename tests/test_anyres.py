@@ -13,6 +13,7 @@ from transformers import (
     AutoTokenizer,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
     LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
 )
@@ -29,6 +30,7 @@ from rice_mllm.mllm.anyres import (
     pack_image_features,
     select_best_resolution,
 )
+from rice_mllm.mllm.grid_pinpoints import parse_grid_pinpoints, resolve_grid
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 
 PATCH = 14
@@ -102,6 +104,50 @@ def test_count_and_grid_match_llava_next_processor(qwen_tokenizer, tile, pinpoin
     assert [num_tiles(size, geometry) for size in sizes] == [
         image_size_to_num_patches(size, [list(p) for p in pinpoints], tile) for size in sizes
     ]
+
+
+@pytest.mark.parametrize("tile", [336, 560])
+def test_llava_next_preset_counts_match_llava_next_processor(qwen_tokenizer, tile):
+    """The `llava-next` preset is LLaVA-NeXT 1.6's released list scaled to the tile; counts equal transformers'."""
+    pinpoints, budget = parse_grid_pinpoints("llava-next", tile)
+    assert budget is None
+    assert pinpoints == [(tile * h // 336, tile * w // 336) for h, w in LLAVA_NEXT_336]
+    geometry = AnyresGeometry(tile, PATCH, pinpoints)
+    sizes = random_sizes(200, seed=tile + 1)
+    expected = hf_llava_next(qwen_tokenizer, tile, pinpoints)._get_num_multimodal_tokens(image_sizes=sizes)
+    assert [num_image_tokens(size, geometry) for size in sizes] == expected.num_image_tokens
+    # The issue's examples: a square image gets 1x2 (the kit's old default gave 1x1), a 200x2000 one 1x3, not 1x4.
+    if tile == 336:
+        assert num_tiles((336, 336), geometry) == 3 and num_image_tokens((200, 2000), geometry) == 1160
+
+
+def test_grid_strings_read_as_transformers_converted_llava_configs():
+    onevision = [tuple(p) for p in LlavaOnevisionConfig().image_grid_pinpoints]  # "(1x1),...,(6x6)" at 384
+    assert parse_grid_pinpoints("(1x1),...,(6x6)", 384) == (onevision, None)
+    assert parse_grid_pinpoints("anyres_max_9", 384) == (onevision, 9)
+    assert parse_grid_pinpoints(" (1x2), ..., (2x3)", 10) == ([(10, 20), (10, 30), (20, 20), (20, 30)], None)
+    assert parse_grid_pinpoints("(1x1)", 96) == ([(96, 96)], None)
+    assert parse_grid_pinpoints([[28, 56], [56, 28]], 28) == ([(28, 56), (56, 28)], None)
+    assert parse_grid_pinpoints("[(28, 56), (56, 28)]", 28) == ([(28, 56), (56, 28)], None)  # LLaVA's string form
+    assert resolve_grid(28) == (make_grid_pinpoints(28, 4), None)
+    assert resolve_grid(28, max_tiles=2, max_grid_tiles=3) == (make_grid_pinpoints(28, 2), 3)
+    assert resolve_grid(28, "anyres_max_4", max_grid_tiles=4)[1] == 4
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"image_grid_pinpoints": "llava-nxt"}, "'llava-nxt' is not understood: give a list of"),
+        ({"image_grid_pinpoints": "(1x2),(2x1)"}, "is not understood"),  # LLaVA would read a range from it
+        ({"image_grid_pinpoints": "(2x2),...,(1x1)"}, "is empty or not positive"),
+        ({"image_grid_pinpoints": [[28, 56, 1]]}, r"not a non-empty list of \[height, width\] integer pairs"),
+        ({"image_grid_pinpoints": "llava-next", "max_tiles": 4}, "both name the grids: give one"),
+        ({"image_grid_pinpoints": "anyres_max_9", "max_grid_tiles": 4}, "budget of 9 tiles but max_grid_tiles is 4"),
+    ],
+)
+def test_grid_settings_that_cannot_be_read_or_disagree_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_grid(28, **settings)
 
 
 def test_count_equals_real_placeholder_expansion(qwen_tokenizer):

@@ -1,6 +1,7 @@
 """Chat template, processor and collator with the real Qwen2.5 vocabulary, checked against independent references."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from rice_mllm.constants import IGNORE_INDEX
 from rice_mllm.data.collate import PaddingCollator
 from rice_mllm.mllm.anyres import AnyresGeometry, make_grid_pinpoints
-from rice_mllm.mllm.chat_template import CHAT_TEMPLATE, format_chat, render_chat
+from rice_mllm.mllm.chat_template import CHAT_TEMPLATE, PLAIN_TEMPLATE, format_chat, format_plain, render_chat
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 from rice_mllm.mllm.processing import (
+    CONFIG_NAME,
     ImagePlaceholderError,
     RiceMllmProcessor,
     SampleTooLongError,
@@ -222,3 +224,90 @@ def test_image_token_is_added_once_and_required():
     image_id = add_image_token(tokenizer)
     assert add_image_token(tokenizer) == image_id and len(tokenizer) == size + 1
     assert tokenizer("a<image>b", add_special_tokens=False)["input_ids"][1] == image_id
+
+
+# --- LLaVA's plain template (stage 1) ---
+
+LLAVA_IMAGE_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX: the placeholder id tokenizer_image_token inserts
+
+
+def llava_preprocess_plain(tokenizer, source: list[dict]) -> tuple[list[int], list[int]]:
+    """LLaVA-NeXT's `preprocess_plain` with `tokenizer_image_token`, written out for one sample, `--version plain`."""
+    assert len(source) == 2 and "<image>" in source[0]["value"]
+    first = "<image>"  # source[0]["value"] = DEFAULT_IMAGE_TOKEN: the instruction is dropped
+    prompt = first + source[1]["value"] + "\n"  # + conversation_lib.default_conversation.sep (conv_llava_plain)
+
+    def tokenizer_image_token(text: str) -> list[int]:
+        chunks = [tokenizer(chunk).input_ids for chunk in text.split("<image>")]
+        ids = chunks[0]
+        for chunk in chunks[1:]:
+            ids = ids + [LLAVA_IMAGE_INDEX] + chunk
+        return ids
+
+    ids = tokenizer_image_token(prompt)
+    labels = [IGNORE_INDEX] * len(tokenizer_image_token(first)) + ids[len(tokenizer_image_token(first)) :]
+    return ids, labels
+
+
+@pytest.fixture(scope="module")
+def plain_processor():
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_DIR)  # its own: a processor sets its tokenizer's chat template
+    add_image_token(tokenizer)
+    return RiceMllmProcessor(tokenizer, RiceImageProcessor(AnyresGeometry(TILE, PATCH, PINPOINTS)), template="plain")
+
+
+@pytest.mark.parametrize("caption", ["A red circle left of a blue square.", " two words\n", "你好, 3 shapes"])
+def test_plain_template_equals_llava_preprocess_plain(plain_processor, caption):
+    source = [{"from": "human", "value": "Describe the image briefly.\n<image>"}, {"from": "gpt", "value": caption}]
+    messages = [{"role": "user", "content": source[0]["value"]}, {"role": "assistant", "content": caption}]
+    size = (30, 100)
+    sample = plain_processor.encode(messages, [size])
+    ids, labels = llava_preprocess_plain(plain_processor.tokenizer, source)
+    count = plain_processor.num_image_tokens(size)
+    at = ids.index(LLAVA_IMAGE_INDEX)  # the kit expands the image in the processor; LLaVA does it in the model
+    image_id = plain_processor.image_token_id
+    assert sample["input_ids"].tolist() == ids[:at] + [image_id] * count + ids[at + 1 :]
+    assert sample["labels"].tolist() == labels[:at] + [IGNORE_INDEX] * count + labels[at + 1 :]
+    assert plain_processor.tokenizer.decode(sample["labels"][sample["labels"] != IGNORE_INDEX]) == caption + "\n"
+
+
+def test_plain_template_jinja_twin_and_generation_prompt(plain_processor):
+    tokenizer = plain_processor.tokenizer
+    assert tokenizer.chat_template == PLAIN_TEMPLATE
+    pair = [{"role": "user", "content": "<image>\n<image> Compare."}, {"role": "assistant", "content": "Two cats."}]
+    for messages, prompt in ((pair, False), (pair[:1], True)):
+        assert tokenizer.apply_chat_template(messages, tokenize=False) == format_plain(messages, prompt).text
+    assert format_plain(pair).text == "<image><image>Two cats.\n"
+    sample = plain_processor(pair[:1], [Image.new("RGB", (28, 28))] * 2, add_generation_prompt=True)
+    assert set(sample["input_ids"].tolist()) == {plain_processor.image_token_id}
+
+
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        (
+            CONVERSATION,
+            r"renders the turns \['user', 'assistant'\] .* got \['user', 'assistant', 'user', 'assistant'\]",
+        ),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "needs an <image> in the user"),
+        ([{"role": "system", "content": "s"}, *CONVERSATION[:2]], r"got \['system', 'user', 'assistant'\]"),
+    ],
+)
+def test_plain_template_refuses_what_llava_asserts(messages, message):
+    with pytest.raises(ValueError, match=message):
+        format_plain(messages)
+
+
+def test_template_is_saved_with_the_processor(tmp_path, plain_processor, processor):
+    plain_processor.save_pretrained(tmp_path / "plain")
+    loaded = RiceMllmProcessor.from_pretrained(tmp_path / "plain")
+    assert loaded.template == "plain" and loaded.tokenizer.chat_template == PLAIN_TEMPLATE
+    messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a box"}]
+    image = Image.new("RGB", (70, 40), (1, 2, 3))
+    for key, value in plain_processor(messages, [image]).items():
+        assert torch.equal(loaded(messages, [image])[key], value), key
+    processor.save_pretrained(tmp_path / "old")  # a processor saved before templates were a choice: ChatML
+    (tmp_path / "old" / CONFIG_NAME).write_text(json.dumps({"max_length": 400}))
+    assert RiceMllmProcessor.from_pretrained(tmp_path / "old").template == "chatml"
+    with pytest.raises(KeyError, match=r"unknown template 'llava'; known: \['chatml', 'plain'\]"):
+        RiceMllmProcessor(loaded.tokenizer, loaded.image_processor, template="llava")

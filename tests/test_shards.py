@@ -264,6 +264,7 @@ def _tiny_world_run(tmp_path: Path, recipe: str, run: str, data: str | Path, *ex
 def test_stage1_on_conversation_shards_equals_its_json_and_resumes_mid_epoch(tmp_path):
     world = tmp_path / "world"
     settings = [
+        "data.template=chatml",  # multi-turn QA records: LLaVA's plain template takes one caption each
         "data.group_by_length=true",
         "data.pack_max_tokens=4096",
         "optim.max_steps=4",

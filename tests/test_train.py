@@ -429,7 +429,12 @@ def test_two_rank_zero3_stage2_over_text_only_and_image_samples_completes_and_lo
     from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 
     stage1 = main(
-        ["--config", str(ROOT / "recipes/stage1_align.yaml"), *_tiny_world_args(tmp_path, "s1", "qa_train.json")]
+        [
+            "--config",
+            str(ROOT / "recipes/stage1_align.yaml"),
+            *_tiny_world_args(tmp_path, "s1", "qa_train.json"),
+            "data.template=chatml",  # multi-turn QA records: LLaVA's plain template takes one caption each
+        ]
     )
     records = json.loads((tmp_path / "world" / "qa_train.json").read_text())
     with_images = [r for r in records if "image" in r][:2]

@@ -31,17 +31,21 @@ from rice_mllm.data.sources import (
 )
 from rice_mllm.mllm.anyres import DEFAULT_MAX_TILES, DEFAULT_MULTI_IMAGE_TILING
 from rice_mllm.mllm.assembly import build_processor
+from rice_mllm.mllm.chat_template import DEFAULT_TEMPLATE, TEMPLATES
+from rice_mllm.mllm.grid_pinpoints import FORMS as GRID_FORMS
 from rice_mllm.mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError, count_placeholders
 from rice_mllm.presets import load_preset
 
 # Tokenizer used when neither --processor nor --tokenizer is given (None: one of them is required).
 DEFAULT_TOKENIZER: str | None = None
-# Without --processor the geometry is LLaVA-NeXT's: the 336 px tower and the kit's anyres defaults.
+# Without --processor: LLaVA-NeXT's 336 px tower with the kit's anyres defaults (None: build_processor's).
 _TOWER = load_preset("rice-vit-l14-336")
 GEOMETRY_DEFAULTS = {
     "tile_size": _TOWER["image_size"],
     "patch_size": _TOWER["patch_size"],
-    "max_tiles": DEFAULT_MAX_TILES,
+    "image_grid_pinpoints": None,
+    "max_tiles": None,
+    "max_grid_tiles": None,
     "multi_image_tiling": DEFAULT_MULTI_IMAGE_TILING,
 }
 
@@ -204,8 +208,11 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--patch-size", type=int, help=f"without --processor; default {GEOMETRY_DEFAULTS['patch_size']}"
     )
+    parser.add_argument("--image-grid-pinpoints", help=f"without --processor: the grids, as {GRID_FORMS}")
     parser.add_argument(
-        "--max-tiles", type=int, help=f"grids of at most this many tiles; default {GEOMETRY_DEFAULTS['max_tiles']}"
+        "--max-tiles",
+        type=int,
+        help=f"without --processor: grids of at most this many tiles; default {DEFAULT_MAX_TILES}",
     )
     parser.add_argument("--max-grid-tiles", type=int, help="OneVision anyres_max_K token budget (default: none)")
     parser.add_argument(
@@ -214,12 +221,18 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"without --processor: how multi-image samples' images are cut (base: base tile only); default "
         f"{GEOMETRY_DEFAULTS['multi_image_tiling']}",
     )
+    parser.add_argument(
+        "--template",
+        choices=sorted(TEMPLATES),
+        help=f"how samples are rendered (overrides the processor's, as a later stage's data.template does); default "
+        f"the processor's, else {DEFAULT_TEMPLATE}",
+    )
     parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (overrides the processor's)")
 
 
 def processor_from_args(args: argparse.Namespace) -> RiceMllmProcessor:
     """A model's saved processor (--processor), or one made from --tokenizer and the geometry flags."""
-    geometry_flags = {key: getattr(args, key) for key in (*GEOMETRY_DEFAULTS, "max_grid_tiles")}
+    geometry_flags = {key: getattr(args, key) for key in GEOMETRY_DEFAULTS}
     if args.processor:
         given = sorted(f"--{key.replace('_', '-')}" for key, value in geometry_flags.items() if value is not None)
         given += ["--tokenizer"] if args.tokenizer not in (None, DEFAULT_TOKENIZER) else []
@@ -232,13 +245,18 @@ def processor_from_args(args: argparse.Namespace) -> RiceMllmProcessor:
             processor = RiceMllmProcessor.from_pretrained(folder)
         except (CheckpointFormatError, FileNotFoundError) as error:
             raise SystemExit(f"data check: --processor: {error}") from None
-        if args.max_length is not None:
-            processor.max_length = args.max_length
-        return processor
+        max_length = processor.max_length if args.max_length is None else args.max_length
+        template = args.template or processor.template
+        return RiceMllmProcessor(processor.tokenizer, processor.image_processor, max_length, template)
     if not args.tokenizer:
         raise SystemExit("data check: give --processor DIR or --tokenizer DIR")
-    flags = {key: GEOMETRY_DEFAULTS.get(key) if value is None else value for key, value in geometry_flags.items()}
-    return build_processor(args.tokenizer, max_length=args.max_length, **flags)
+    flags = {key: GEOMETRY_DEFAULTS[key] if value is None else value for key, value in geometry_flags.items()}
+    try:
+        return build_processor(
+            args.tokenizer, max_length=args.max_length, template=args.template or DEFAULT_TEMPLATE, **flags
+        )
+    except ValueError as error:  # grid settings that cannot be read or disagree
+        raise SystemExit(f"data check: {error}") from None
 
 
 def run_check(args: argparse.Namespace) -> int:

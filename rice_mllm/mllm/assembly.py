@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from ..presets import PRESET_DIR, list_presets, load_preset
 from ..vision import RiceVisionConfig, RiceVisionModel
-from .anyres import DEFAULT_MAX_TILES, DEFAULT_MULTI_IMAGE_TILING, AnyresGeometry, make_grid_pinpoints
+from .anyres import DEFAULT_MULTI_IMAGE_TILING, AnyresGeometry
+from .chat_template import DEFAULT_TEMPLATE
 from .configuration import RiceMllmConfig
+from .grid_pinpoints import resolve_grid
 from .image_processing import RiceImageProcessor
 from .modeling import RiceMllmForConditionalGeneration
 from .processing import RiceMllmProcessor, add_image_token
@@ -26,25 +28,31 @@ def build_processor(
     tokenizer: str | Path,
     tile_size: int,
     patch_size: int = 14,
-    max_tiles: int = DEFAULT_MAX_TILES,
+    max_tiles: int | None = None,
     max_grid_tiles: int | None = None,
     max_length: int | None = None,
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING,
+    image_grid_pinpoints: str | list | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> RiceMllmProcessor:
     """A processor over `tokenizer` (directory or hub id; `<image>` added if missing) with anyres geometry.
 
     Args:
         tile_size, patch_size: the vision encoder's input size and patch size.
-        max_tiles: largest grid, in tiles, among the pinpoints (4 = LLaVA-NeXT's "2x2+1").
+        max_tiles: every grid of at most this many tiles (default 4, with 1x1, 1x4 and 4x1); not with
+            `image_grid_pinpoints`.
         max_grid_tiles: optional token budget (OneVision `anyres_max_K`).
         max_length: samples longer than this are refused, never truncated.
         multi_image_tiling: "anyres" or "base" (images of multi-image samples give their base tile only).
+        image_grid_pinpoints: the grids in any form `grid_pinpoints.parse_grid_pinpoints` reads ("llava-next",
+            "(1x1),...,(3x3)", "anyres_max_9", [[height, width], ...]).
+        template: "chatml" or "plain" (LLaVA's alignment template), see `chat_template.TEMPLATES`.
     """
     loaded = AutoTokenizer.from_pretrained(str(tokenizer))
     add_image_token(loaded)
-    pinpoints = make_grid_pinpoints(tile_size, max_tiles)
-    geometry = AnyresGeometry(tile_size, patch_size, pinpoints, max_grid_tiles, multi_image_tiling)
-    return RiceMllmProcessor(loaded, RiceImageProcessor(geometry), max_length=max_length)
+    pinpoints, budget = resolve_grid(tile_size, image_grid_pinpoints, max_tiles, max_grid_tiles)
+    geometry = AnyresGeometry(tile_size, patch_size, pinpoints, budget, multi_image_tiling)
+    return RiceMllmProcessor(loaded, RiceImageProcessor(geometry), max_length=max_length, template=template)
 
 
 def _is_preset(name: str) -> bool:

@@ -1,6 +1,7 @@
 """RiceMllmProcessor: chat messages + images -> input_ids, labels, attention_mask, pixel tiles, image sizes.
 
-Each `<image>` placeholder becomes anyres.num_image_tokens(size, tiled) copies of the image token (labelled -100).
+Messages are rendered with the processor's template (ChatML, or LLaVA's plain one for alignment); each `<image>`
+placeholder becomes anyres.num_image_tokens(size, tiled) copies of the image token (labelled -100).
 Invariants: placeholders == images, and a sample is never truncated: too long raises SampleTooLongError.
 """
 
@@ -17,7 +18,7 @@ from transformers import AutoTokenizer
 from rice_mllm.checkpoint_layout import PROCESSOR_CONFIG_FILE
 from rice_mllm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from rice_mllm.mllm.anyres import Size, num_image_tokens
-from rice_mllm.mllm.chat_template import CHAT_TEMPLATE, render_chat
+from rice_mllm.mllm.chat_template import DEFAULT_TEMPLATE, get_template, tokenize_chat
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 
 CONFIG_NAME = PROCESSOR_CONFIG_FILE
@@ -51,13 +52,21 @@ class RiceMllmProcessor:
 
     Args:
         tokenizer: fast tokenizer holding IMAGE_TOKEN as a special token (see `add_image_token`).
-            The processor owns it: its chat_template is set to CHAT_TEMPLATE so saved copies render
+            The processor owns it: its chat_template is set to the template's Jinja twin so saved copies render
             the same text as training.
         image_processor: anyres tiler; its geometry also fixes the image-token count.
         max_length: longest allowed sample in tokens (after image expansion); None for no limit.
+        template: "chatml" (default) or "plain" (LLaVA's alignment template), from `chat_template.TEMPLATES`;
+            saved with the processor. A later stage sets its own (`data.template`).
     """
 
-    def __init__(self, tokenizer, image_processor: RiceImageProcessor, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        image_processor: RiceImageProcessor,
+        max_length: int | None = None,
+        template: str = DEFAULT_TEMPLATE,
+    ) -> None:
         ids = tokenizer(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or ids[0] != tokenizer.convert_tokens_to_ids(IMAGE_TOKEN):
             raise ValueError(
@@ -65,8 +74,10 @@ class RiceMllmProcessor:
             )
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be positive or None, got {max_length}")
+        self.template = template
+        self._template = get_template(template)
         self.tokenizer = tokenizer
-        self.tokenizer.chat_template = CHAT_TEMPLATE
+        self.tokenizer.chat_template = self._template.jinja
         self.image_processor = image_processor
         self.max_length = max_length
         self.image_token_id: int = ids[0]
@@ -103,7 +114,7 @@ class RiceMllmProcessor:
             raise ImagePlaceholderError(
                 f"{placeholders} {IMAGE_TOKEN} placeholder(s) in the messages but {len(image_sizes)} image(s)"
             )
-        rendered = render_chat(self.tokenizer, messages, add_generation_prompt)
+        rendered = tokenize_chat(self.tokenizer, self._template.format(messages, add_generation_prompt))
         # The tokenizer holds IMAGE_TOKEN as a special token (checked in __init__): one id per placeholder.
         positions = [i for i, token in enumerate(rendered.input_ids) if token == self.image_token_id]
         input_ids: list[int] = []
@@ -158,12 +169,13 @@ class RiceMllmProcessor:
         return sample
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the tokenizer (with CHAT_TEMPLATE), the image processor config and processor_config.json."""
+        """Write the tokenizer (with the template's Jinja twin), the image processor config, processor_config.json."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
-        (directory / CONFIG_NAME).write_text(json.dumps({"max_length": self.max_length}, indent=2) + "\n")
+        config = {"max_length": self.max_length, "template": self.template}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> RiceMllmProcessor:
@@ -173,8 +185,10 @@ class RiceMllmProcessor:
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         config = json.loads(path.read_text())
-        unknown = set(config) - {"max_length"}
+        unknown = set(config) - {"max_length", "template"}
         if unknown:
             raise KeyError(f"{path}: unknown keys {sorted(unknown)}")
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(tokenizer, RiceImageProcessor.from_pretrained(directory), config["max_length"])
+        # Processors saved before templates were a choice rendered ChatML.
+        template = config.get("template", DEFAULT_TEMPLATE)
+        return cls(tokenizer, RiceImageProcessor.from_pretrained(directory), config["max_length"], template)

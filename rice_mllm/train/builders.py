@@ -68,14 +68,23 @@ def prepare_tiny_world(config: TrainConfig) -> None:
 
 
 def run_processor(config: TrainConfig) -> RiceMllmProcessor:
-    """The checkpoint's processor (`model.init_from`), else one over `model.tokenizer` with the tower's tile size.
+    """The checkpoint's processor (`model.init_from`), else one over `model.tokenizer` with the tower's tile size
+    and the `model.*` grid settings.
 
-    `data.max_length` always applies: longer samples are refused by the processor, never truncated.
+    `data.max_length` and `data.template` always apply: longer samples are refused by the processor, never truncated,
+    and each stage renders with its own template (stage 1 plain, stage 2 ChatML over a stage-1 checkpoint).
     """
-    m = config.model
+    m, d = config.model, config.data
     if m.init_from is not None:
+        grids = {
+            "image_grid_pinpoints": m.image_grid_pinpoints,
+            "max_tiles": m.max_tiles,
+            "max_grid_tiles": m.max_grid_tiles,
+        }
+        if given := [f"model.{key}" for key, value in grids.items() if value is not None]:
+            raise ValueError(f"{given} set, but model.init_from={m.init_from} fixes the tiling: drop them")
         loaded = RiceMllmProcessor.from_pretrained(_init_dir(config))
-        return RiceMllmProcessor(loaded.tokenizer, loaded.image_processor, max_length=config.data.max_length)
+        return RiceMllmProcessor(loaded.tokenizer, loaded.image_processor, d.max_length, d.template)
     source = vision_source(config)
     if source in list_presets():
         vision = load_preset(source)
@@ -83,12 +92,14 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
         vision = RiceVisionModel.config_class.from_pretrained(source).to_dict()
     return build_processor(
         llm_tokenizer(config),
-        vision["image_size"],
-        vision["patch_size"],
-        m.max_tiles,
-        m.max_grid_tiles,
-        config.data.max_length,
-        m.multi_image_tiling,
+        tile_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        max_tiles=m.max_tiles,
+        max_grid_tiles=m.max_grid_tiles,
+        max_length=d.max_length,
+        multi_image_tiling=m.multi_image_tiling,
+        image_grid_pinpoints=m.image_grid_pinpoints,
+        template=d.template,
     )
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from ..mllm.anyres import DEFAULT_MAX_TILES, DEFAULT_MULTI_IMAGE_TILING
+from ..mllm.anyres import DEFAULT_MULTI_IMAGE_TILING
+from ..mllm.chat_template import DEFAULT_TEMPLATE
 from ..pretrain.modeling import RegionLossSettings
 
 
@@ -25,7 +26,10 @@ class ModelConfig:
     llm: str = "qwen2.5-tiny"  # Qwen2.5 preset name (random init), directory or hub id
     tokenizer: str | None = None  # None: the LLM's own (the kit's tiny tokenizer for an LLM preset)
     init_from: str | None = None  # kit checkpoint (model, checkpoint or run dir); then vision/llm/tokenizer unused
-    max_tiles: int = DEFAULT_MAX_TILES  # largest anyres grid in tiles (LLaVA-NeXT's "2x2+1")
+    # anyres grids: "llava-next" (1x2, 2x1, 2x2, 3x1, 1x3), "(1x1),...,(3x3)", "anyres_max_9" (OneVision: 1x1-6x6 with
+    # a budget of 9 tiles) or [[height, width], ...] pixels; null: every grid of at most max_tiles tiles
+    image_grid_pinpoints: list[list[int]] | str | None = None
+    max_tiles: int | None = None  # with image_grid_pinpoints null: grids of at most this many tiles (null: 4)
     max_grid_tiles: int | None = None  # token budget: OneVision's anyres_max_K
     # "base": the images of multi-image samples give their base tile only
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
@@ -37,6 +41,7 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)  # LLaVA .json / .jsonl; stage 0: region .jsonl
     image_folder: str | None = None  # relative image paths resolve here; None: against each data file's folder
     max_length: int = 2048  # longer samples raise (never truncated through an image)
+    template: str = DEFAULT_TEMPLATE  # "chatml" or "plain" (LLaVA's alignment template: image tokens, caption, "\n")
     num_workers: int = 0
     pack_max_tokens: int | None = None  # padding-free: pack each micro-batch's samples into rows of this many tokens
     group_by_length: bool = False  # batch records of similar token length (less padding; LLaVA's group_by_length)
@@ -95,7 +100,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # the first type that fits, in the order the annotation lists them
+            try:
+                return _coerce(value, option, key)
+            except TypeError:
+                pass
+        return _coerce(value, inner[-1], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise TypeError(f"config key {key!r}: expected a mapping, got {value!r}")
