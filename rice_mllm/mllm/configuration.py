@@ -7,7 +7,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..presets import load_preset
 from ..vision import RiceVisionConfig
-from .anyres import DEFAULT_MULTI_IMAGE_TILING, make_grid_pinpoints
+from .anyres import DEFAULT_MULTI_IMAGE_TILING, AnyresGeometry, make_grid_pinpoints
 
 
 class RiceMllmConfig(PreTrainedConfig):
@@ -47,6 +47,17 @@ class RiceMllmConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.image_grid_pinpoints is None:
             self.image_grid_pinpoints = [list(size) for size in make_grid_pinpoints(self.vision_config.image_size)]
+
+    def anyres_geometry(self) -> AnyresGeometry:
+        """The tiling these fields describe: what the model packs and the processor must cut."""
+        vision = self.vision_config
+        return AnyresGeometry(
+            tile_size=vision.image_size,
+            patch_size=vision.patch_size,
+            image_grid_pinpoints=self.image_grid_pinpoints,
+            max_grid_tiles=self.max_grid_tiles,
+            multi_image_tiling=self.multi_image_tiling,
+        )
 
     @classmethod
     def from_presets(cls, vision: str, text: str, **kwargs) -> RiceMllmConfig:

@@ -68,14 +68,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
 
     @property
     def geometry(self) -> AnyresGeometry:
-        vision = self.config.vision_config
-        return AnyresGeometry(
-            tile_size=vision.image_size,
-            patch_size=vision.patch_size,
-            image_grid_pinpoints=self.config.image_grid_pinpoints,
-            max_grid_tiles=self.config.max_grid_tiles,
-            multi_image_tiling=self.config.multi_image_tiling,
-        )
+        return self.config.anyres_geometry()
 
     def _init_weights(self, module: nn.Module) -> None:
         """Projector like nn.Linear's default; image_newline ~ N(0, 1/D) as LLaVA-NeXT initialises it."""
