@@ -59,25 +59,11 @@ def test_the_target_is_the_one_that_reproduces_the_model(geometry, target):
         choose_target(config, "llava")
 
 
-# In the fresh process: transformers' OneVision classes from the exported folder alone. LlavaOnevisionProcessor cannot
-# be built without torchvision (its video processor); then the test reads the same saved files into a bare instance.
+# In the fresh process: transformers' OneVision classes from the exported folder alone (load_exported builds the
+# processor from the saved files where transformers cannot without torchvision, for its video processor).
 ONEVISION_SCRIPT = """
-from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
-from transformers import LlavaOnevisionProcessor
-model = LlavaOnevisionForConditionalGeneration.from_pretrained('hf').eval()
-try:
-    import torchvision  # noqa: F401
-    processor = LlavaOnevisionProcessor.from_pretrained('hf')
-except ImportError:
-    saved = json.load(open('hf/processor_config.json'))
-    processor = object.__new__(LlavaOnevisionProcessor)
-    processor.image_processor = LlavaOnevisionImageProcessorPil.from_dict(saved.pop('image_processor'))
-    processor.tokenizer = AutoTokenizer.from_pretrained('hf')
-    processor.chat_template = open('hf/chat_template.jinja').read()
-    for key in ('num_image_tokens', 'vision_feature_select_strategy', 'vision_aspect_ratio', 'image_token'):
-        setattr(processor, key, saved[key])
-    processor.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    processor.video_token, processor.video_token_id = saved['video_token'], None
+from scripts.eval_exported import load_exported
+model, processor = load_exported('hf')
 render = processor.tokenizer.apply_chat_template
 texts = [render(m, tokenize=False, add_generation_prompt=True) for m in inputs['messages']]
 batch = processor(text=texts, images=inputs['images'], padding=True, return_tensors='pt')
