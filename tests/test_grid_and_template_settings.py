@@ -6,10 +6,14 @@ import pytest
 
 from rice_mllm.data.doctor import add_check_arguments, processor_from_args
 from rice_mllm.mllm.anyres import make_grid_pinpoints
-from rice_mllm.mllm.assembly import TINY_TOKENIZER
+from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.grid_pinpoints import parse_grid_pinpoints
+from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+from rice_mllm.mllm.processing import RiceMllmProcessor
 from rice_mllm.tiny_world import RECIPES, stage_arguments
+from rice_mllm.train.builders import run_processor
 from rice_mllm.train.config import load_config
+from tests.fixtures import tiny_mllm_config
 
 
 def _check_args(*flags: str) -> argparse.Namespace:
@@ -65,3 +69,24 @@ def test_data_check_refuses_disagreeing_grid_flags_and_takes_a_template():
     with pytest.raises(SystemExit, match="both name the grids"):
         processor_from_args(_check_args("--image-grid-pinpoints", "llava-next", "--max-tiles", "4"))
     assert processor_from_args(_check_args("--template", "plain")).template == "plain"
+
+
+def test_a_later_stage_renders_with_its_own_template_over_a_plain_checkpoint(tmp_path):
+    """Stage 2 over a stage-1 (plain) checkpoint renders ChatML: the template is the stage's (data.template), the
+    tiling the checkpoint's; naming grids there is refused rather than ignored."""
+    processor = build_processor(TINY_TOKENIZER, tile_size=28, image_grid_pinpoints="llava-next", template="plain")
+    config = tiny_mllm_config(image_token_id=processor.image_token_id)
+    config.image_grid_pinpoints = [list(p) for p in processor.image_processor.geometry.image_grid_pinpoints]
+    config.text_config.vocab_size = len(processor.tokenizer)
+    RiceMllmForConditionalGeneration(config).save_pretrained(tmp_path / "stage1")
+    processor.save_pretrained(tmp_path / "stage1")
+    assert RiceMllmProcessor.from_pretrained(tmp_path / "stage1").template == "plain"
+    loaded = run_processor(load_config(RECIPES / "stage2_instruct.yaml", [f"model.init_from={tmp_path / 'stage1'}"]))
+    assert loaded.template == "chatml" and loaded.image_processor.geometry == processor.image_processor.geometry
+    with pytest.raises(ValueError, match=r"\['model.image_grid_pinpoints'\] set, but model.init_from=.* fixes"):
+        run_processor(
+            load_config(
+                RECIPES / "stage2_instruct.yaml",
+                [f"model.init_from={tmp_path / 'stage1'}", "model.image_grid_pinpoints=(1x1)"],
+            )
+        )
