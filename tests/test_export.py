@@ -232,6 +232,7 @@ def test_llava_repo_fields_map_to_the_kit():
         ("mm_patch_merge_type", "flat"),
         ("mm_use_im_start_end", True),
         ("image_aspect_ratio", "pad"),
+        ("image_grid_pinpoints", None),
     ],
 )
 def test_llava_repo_settings_the_kit_does_not_reproduce_are_refused_by_name(field, value):

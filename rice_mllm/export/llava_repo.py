@@ -89,7 +89,11 @@ def from_llava_repo_config(raw: dict, vision: RiceVisionConfig, image_token_id: 
     aspect = raw.get("image_aspect_ratio")
     if aspect != "anyres" and not (isinstance(aspect, str) and aspect.removeprefix("anyres_max_").isdigit()):
         raise _refuse("image_aspect_ratio", aspect, "anyres and anyres_max_N (anyres tiling)")
-    pinpoints, _ = parse_grid_pinpoints(raw.get("image_grid_pinpoints"), vision.image_size)
+    grids = raw.get("image_grid_pinpoints")
+    try:
+        pinpoints, _ = parse_grid_pinpoints(grids, vision.image_size)
+    except (TypeError, ValueError) as error:
+        raise _refuse("image_grid_pinpoints", grids, f"a list of pairs or a grid string ({error})") from None
     text_fields = set(Qwen2Config().to_dict()) - {"model_type", "architectures", "dtype", "torch_dtype"}
     text = Qwen2Config(**{key: value for key, value in raw.items() if key in text_fields})
     config = RiceMllmConfig(
