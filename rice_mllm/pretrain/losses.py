@@ -28,22 +28,23 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return num_classes * rank // world_size, num_classes * (rank + 1) // world_size
 
 
-INIT_BLOCK_ROWS = 4096  # centre rows drawn per seed: any split of K into shards draws the same matrix
+INIT_BLOCK_ROWS = 4096  # a multiple of 16: blocks of rows draw the normal stream exactly as one call does
 INIT_STD = 0.01  # centres are normalised at use, so only their direction matters
 
 
-def init_centre_rows(start: int, end: int, embed_dim: int, seed: int) -> torch.Tensor:
-    """Rows [start, end) of a [K, E] N(0, INIT_STD^2) matrix whose block of INIT_BLOCK_ROWS rows b is drawn from
-    seed + b: each rank draws only the blocks its shard touches, and the rows equal those of one process."""
-    if end <= start:
-        return torch.empty(0, embed_dim)
-    first, last = start // INIT_BLOCK_ROWS, (end - 1) // INIT_BLOCK_ROWS
-    blocks = [
-        torch.randn(INIT_BLOCK_ROWS, embed_dim, generator=torch.Generator().manual_seed(seed + block))
-        for block in range(first, last + 1)
-    ]
-    offset = first * INIT_BLOCK_ROWS
-    return torch.cat(blocks)[start - offset : end - offset].mul_(INIT_STD)
+def init_centre_rows(start: int, end: int, num_rows: int, embed_dim: int) -> torch.Tensor:
+    """Rows [start, end) of `torch.randn(num_rows, embed_dim) * INIT_STD` drawn from the global RNG.
+
+    Every rank streams the whole draw in blocks and keeps its own rows, so any sharding gets the rows one process
+    gets, and the global RNG advances as in one process (the draws after it, too, are the same on every rank).
+    """
+    kept = []
+    for block_start in range(0, num_rows, INIT_BLOCK_ROWS):
+        block = torch.randn(min(INIT_BLOCK_ROWS, num_rows - block_start), embed_dim)
+        lo, hi = max(start, block_start), min(end, block_start + block.shape[0])
+        if lo < hi:
+            kept.append(block[lo - block_start : hi - block_start])
+    return torch.cat(kept).mul_(INIT_STD) if kept else torch.empty(0, embed_dim)
 
 
 def labels_generator(labels: torch.Tensor) -> torch.Generator:
@@ -177,9 +178,8 @@ class _ClusterDiscriminationLoss(nn.Module):
         rank, world = _world()
         self.num_classes, self.scale, self.margin, self.sample_ratio = num_classes, scale, margin, sample_ratio
         self.class_start, self.class_end = shard_range(num_classes, rank, world)
-        # This rank's rows of the [K, E] centre matrix; the seed comes from the global RNG, the same on every rank.
-        seed = int(torch.randint(0, 2**62, ()))
-        self.weight = nn.Parameter(init_centre_rows(self.class_start, self.class_end, embed_dim, seed))
+        # This rank's rows of the [K, E] centre matrix, as one process draws it.
+        self.weight = nn.Parameter(init_centre_rows(self.class_start, self.class_end, num_classes, embed_dim))
 
     def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.shape[0] != labels.shape[0]:
