@@ -21,14 +21,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..pretrain.losses import shard_range
 from .config import TrainConfig
 from .engine import adamw, device, lr_schedule, rank, world_size
 
 BYTES_PER_ELEMENT = 16  # fp32 weight, gradient and two AdamW moments
-
-
-def _shard(rows: int, rank_: int, world: int) -> tuple[int, int]:
-    return rows * rank_ // world, rows * (rank_ + 1) // world
 
 
 def centre_memory_bytes(rows: list[int], embed_dim: int, world: int) -> int:
@@ -122,7 +119,10 @@ class ShardedParameters:
             for moment in ("exp_avg", "exp_avg_sq"):
                 if moment in state:
                     tensors[f"{name}.{moment}"] = state[moment].cpu().contiguous()
-            layout[name] = {"rows": _shard(self.rows[name], rank(), world_size()), "step": float(state.get("step", 0))}
+            layout[name] = {
+                "rows": shard_range(self.rows[name], rank(), world_size()),
+                "step": float(state.get("step", 0)),
+            }
         metadata = {"layout": json.dumps(layout), "scheduler": json.dumps(self.scheduler.state_dict())}
         save_file(tensors, str(state_dir / f"sharded_rank{rank()}.safetensors"), metadata=metadata)
 
@@ -134,7 +134,7 @@ class ShardedParameters:
         handles = [safe_open(str(f), framework="pt") for f in files]
         scheduler = json.loads(handles[0].metadata()["scheduler"])
         for name, parameter in self.parameters.items():
-            start, end = _shard(self.rows[name], rank(), world_size())
+            start, end = shard_range(self.rows[name], rank(), world_size())
             pieces = {key: _rows(handles, name, key, start, end) for key in ("", ".exp_avg", ".exp_avg_sq")}
             with torch.no_grad():
                 parameter.copy_(pieces[""])
