@@ -10,6 +10,7 @@ machine noise hits them alike. tokens/s counts real (unpadded) tokens, identical
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import tempfile
 from pathlib import Path
@@ -19,8 +20,10 @@ from bench_common import build_kit, export_peer, make_chats, run_with_threads, t
 
 from rice_mllm.data.collate import PaddingCollator
 from rice_mllm.data.packing import LengthGroupedSampler, PackedBatchSampler, PackingCollator
+from rice_mllm.mllm.per_sample_attention import PER_SAMPLE_SDPA
 
 PEER = "transformers LlavaNext, padded"
+PACKED_PER_SAMPLE = "rice_mllm, packed, per-sample attention"
 
 
 def stage2_optimizer(parameters: dict[str, torch.nn.Parameter], frozen_prefix: str) -> torch.optim.Optimizer:
@@ -82,11 +85,15 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     geometry = kit.geometry
     with tempfile.TemporaryDirectory() as tmp:
         peer = export_peer(kit, processor, Path(tmp))
+    # The same weights attending per sample in packed rows (the trainer's default without flash-attn).
+    kit_per_sample = copy.deepcopy(kit)
+    kit_per_sample.set_attn_implementation({"text_config": PER_SAMPLE_SDPA})
     variants = {  # name -> (model, collate, batches)
         PEER: (peer, lambda chunk: to_llava_next_pixels(pad(chunk), geometry), batches),
         "rice_mllm, padded": (kit, pad, batches),
         "rice_mllm, length-grouped, padded": (kit, pad, grouped),
-        "rice_mllm, packed (padding-free)": (kit, pack, packed),
+        "rice_mllm, packed, row attention": (kit, pack, packed),
+        PACKED_PER_SAMPLE: (kit_per_sample, pack, packed),
     }
     inputs = {
         name: [collate([samples[i] for i in b]) for b in step_batches]
@@ -100,10 +107,12 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             PEER: peer.train()(**inputs[PEER][0]).loss.item(),
             "rice_mllm, padded": kit.train()(**pad(first)).loss.item(),
             "rice_mllm, packed": kit(**pack(first)).loss.item(),
+            "rice_mllm, packed, per-sample": kit_per_sample.train()(**pack(first)).loss.item(),
         }
     optimizers = {
         id(peer): stage2_optimizer(dict(peer.named_parameters()), "model.vision_tower."),
         id(kit): stage2_optimizer(dict(kit.named_parameters()), "vision_tower."),
+        id(kit_per_sample): stage2_optimizer(dict(kit_per_sample.named_parameters()), "vision_tower."),
     }
     for name, (model, _, _) in variants.items():  # warm-up: allocator, optimizer state, lazy inits
         train_step(model, optimizers[id(model)], inputs[name][0])
@@ -124,7 +133,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     rates = {name: real_tokens / value for name, value in elapsed.items()}
     for name, rate in rates.items():
         print(
-            f"{name:36s} {rate:9.1f} tokens/s  computed {padded[name]:6d} positions "
+            f"{name:40s} {rate:9.1f} tokens/s  computed {padded[name]:6d} positions "
             f"({real_tokens / padded[name]:4.0%} real)  ratio vs transformers {rate / rates[PEER]:5.2f}x"
         )
     return {"tokens_per_s": rates, "loss": losses}

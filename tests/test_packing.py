@@ -17,6 +17,7 @@ from rice_mllm.data.packing import (
 )
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+from rice_mllm.mllm.per_sample_attention import PER_SAMPLE_SDPA, sample_spans
 from tests.fixtures import tiny_mllm_config
 
 CONVERSATIONS = [
@@ -56,12 +57,15 @@ def samples(processor):
     return out
 
 
-@pytest.fixture(scope="module")
-def model(processor):
+@pytest.fixture(scope="module", params=["sdpa", PER_SAMPLE_SDPA])
+def model(processor, request):
+    """The tiny model with transformers' SDPA (a packed row attends as a whole, under a mask) or per-sample SDPA."""
     config = tiny_mllm_config(image_token_id=processor.image_token_id)
     config.text_config.vocab_size = len(processor.tokenizer)
     torch.manual_seed(0)
-    return RiceMllmForConditionalGeneration(config).train()
+    model = RiceMllmForConditionalGeneration(config).train()
+    model.set_attn_implementation({"text_config": request.param})
+    return model
 
 
 def _frozen_vision(model):
@@ -131,6 +135,34 @@ def test_attention_stays_inside_each_sample(model, samples, processor):
             torch.testing.assert_close(logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-5)
             start += len(alone)
     model.train()
+
+
+def test_per_sample_attention_computes_no_cross_sample_scores(model, samples, processor, monkeypatch):
+    """Per-sample SDPA calls attention once per sample of a packed row; transformers' SDPA once over the whole row."""
+    packed = PackingCollator(10_000, processor.pad_token_id)(samples)
+    with torch.no_grad():
+        embeds = model.embed_inputs(packed["input_ids"], packed["pixel_values"], packed["image_sizes"])
+    widths = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        widths.append(key.shape[2])
+        return real_sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model.language_model(inputs_embeds=embeds, position_ids=packed["position_ids"], use_cache=False)
+    layers = model.config.text_config.num_hidden_layers
+    if model.config.text_config._attn_implementation == PER_SAMPLE_SDPA:
+        assert sorted(widths) == sorted(len(sample["input_ids"]) for sample in samples for _ in range(layers))
+    else:
+        assert widths == [packed["input_ids"].shape[1]] * layers
+
+
+def test_sample_spans_by_hand():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    assert sample_spans(position_ids) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 9)]]
+    assert sample_spans(torch.tensor([[4, 5, 6]])) == [[(0, 3)]]  # a continuation (cached decoding) is one span
 
 
 def test_packed_batch_refuses_a_kv_cache(model, samples, processor):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from rice_mllm.data.packing import LengthGroupedSampler
 from rice_mllm.train import data_order
+from rice_mllm.train.builders import llm_attn_implementation
 from rice_mllm.train.config import TrainConfig, load_config, save_config
 from rice_mllm.train.engine import load_deepspeed_config
 from rice_mllm.train.lora import inject_lora
@@ -69,6 +70,13 @@ def test_unknown_keys_are_named_with_the_valid_ones(tmp_path):
 def test_values_of_the_wrong_type_are_refused(override):
     with pytest.raises(TypeError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_llm_attention_choice_is_checked_and_auto_is_per_sample_without_flash_attn():
+    assert llm_attn_implementation(load_config(None, [])) == "sdpa_per_sample"  # no flash-attn on a CPU
+    assert llm_attn_implementation(load_config(None, ["model.attn_implementation=sdpa"])) == "sdpa"
+    with pytest.raises(ValueError, match=r"model\.attn_implementation='flash'.*sdpa_per_sample"):
+        llm_attn_implementation(load_config(None, ["model.attn_implementation=flash"]))
 
 
 # ---- DeepSpeed JSON ----

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
+from transformers.utils import is_flash_attn_2_available
 
 from ..checkpoint_layout import check_model_dir, full_model_dir, resolve_model_dir
 from ..data.collate import PaddingCollator
@@ -24,6 +25,7 @@ from ..data.shards import is_shards
 from ..data.sources import Conversation, load_conversations
 from ..mllm.assembly import TINY_TOKENIZER, assemble_model, build_processor
 from ..mllm.modeling import RiceMllmForConditionalGeneration
+from ..mllm.per_sample_attention import PER_SAMPLE_SDPA
 from ..mllm.processing import RiceMllmProcessor
 from ..presets import list_presets, load_preset
 from ..vision import RiceVisionModel
@@ -31,6 +33,7 @@ from .config import TrainConfig
 from .engine import barrier, rank
 
 logger = logging.getLogger(__name__)
+ATTN_IMPLEMENTATIONS = ("auto", PER_SAMPLE_SDPA, "flash_attention_2", "sdpa")
 
 
 def _init_dir(config: TrainConfig) -> Path:
@@ -105,10 +108,25 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
 
 def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
     """The kit checkpoint `model.init_from`, else a model assembled from `model.vision` and `model.llm`
-    (preset names start random; paths / hub ids load their weights; projector and image_newline start random)."""
+    (preset names start random; paths / hub ids load their weights; projector and image_newline start random); its
+    LLM attends with `model.attn_implementation`."""
     if config.model.init_from is not None:
-        return RiceMllmForConditionalGeneration.from_pretrained(_init_dir(config))
-    return assemble_model(vision_source(config), config.model.llm, processor)
+        model = RiceMllmForConditionalGeneration.from_pretrained(_init_dir(config))
+    else:
+        model = assemble_model(vision_source(config), config.model.llm, processor)
+    model.set_attn_implementation({"text_config": llm_attn_implementation(config)})
+    return model
+
+
+def llm_attn_implementation(config: TrainConfig) -> str:
+    """`model.attn_implementation`, with "auto" resolved: flash-attn's varlen kernel where it can run (installed, a
+    CUDA device, bf16), else per-sample SDPA, which packed rows need to skip cross-sample attention on any device."""
+    choice = config.model.attn_implementation
+    if choice not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation={choice!r}: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if is_flash_attn_2_available() and config.optim.bf16 else PER_SAMPLE_SDPA
 
 
 def _load_conversations(path: Path, image_folder: str | None) -> Sequence[Conversation]:

@@ -1,0 +1,72 @@
+"""`sdpa_per_sample`: the LLM's attention over each sample of a packed row alone, on any device, without flash-attn.
+
+A packed row (data.packing) holds several samples and no attention_mask; its `position_ids` restart at 0 for each
+sample. transformers' SDPA path then attends over the whole row under a block-diagonal mask: the cost grows with the
+row's width squared and most of the work is masked away. flash-attn's varlen kernel does what this module does, on
+CUDA only. Here each sample (a span where positions count up by one, the rule transformers uses to find packed
+sequences) runs causal SDPA alone, so no cross-sample attention is computed. Anything that is not a packed row (a
+padding mask, a cached decoding step) goes through transformers' SDPA unchanged.
+
+Importing the module registers the name with transformers' attention and mask interfaces, so
+`model.set_attn_implementation({"text_config": "sdpa_per_sample"})` selects it for the Qwen2 LLM.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PER_SAMPLE_SDPA = "sdpa_per_sample"
+
+
+def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of `position_ids` [B, T], the (start, end) of each sample: a new one wherever a position does not
+    follow its predecessor by one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    width = position_ids.shape[1]
+    spans = []
+    for row_starts in starts.tolist():
+        begins = [t for t, is_start in enumerate(row_starts) if is_start]
+        spans.append(list(zip(begins, [*begins[1:], width], strict=True)))
+    return spans
+
+
+def per_sample_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query [B, H, T, D], key/value [B, H_kv, T, D] ->
+    ([B, T, H, D], None)."""
+    packed = attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2] > 1
+    spans = sample_spans(position_ids.expand(query.shape[0], -1)) if packed else []
+    if not packed or all(len(row) == 1 for row in spans):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for b, row_spans in enumerate(spans):
+        samples = [
+            sdpa_attention_forward(
+                module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], None, **kwargs
+            )[0]
+            for s, e in row_spans
+        ]
+        rows.append(torch.cat(samples, dim=1))
+    return torch.cat(rows), None
+
+
+def per_sample_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """No mask without a padding mask (the attention reads sample boundaries itself); SDPA's mask otherwise."""
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(PER_SAMPLE_SDPA, per_sample_sdpa_attention)
+AttentionMaskInterface.register(PER_SAMPLE_SDPA, per_sample_sdpa_mask)
