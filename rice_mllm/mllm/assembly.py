@@ -16,6 +16,7 @@ from .chat_template import DEFAULT_TEMPLATE
 from .configuration import RiceMllmConfig
 from .grid_pinpoints import resolve_grid
 from .image_processing import RiceImageProcessor
+from .lm_loss import install_chunked_loss_head
 from .modeling import RiceMllmForConditionalGeneration
 from .processing import RiceMllmProcessor, add_image_token
 
@@ -104,5 +105,6 @@ def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceM
     if vocab > config.text_config.vocab_size:
         logger.info("resizing LLM embeddings %d -> %d for the added tokens", config.text_config.vocab_size, vocab)
         model.language_model.resize_token_embeddings(vocab)
+        install_chunked_loss_head(model.language_model)  # an untied head comes back a plain nn.Linear
         model.config.text_config.vocab_size = vocab
     return model

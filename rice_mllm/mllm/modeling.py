@@ -21,6 +21,7 @@ from ..loading import verify_checkpoint_dir
 from ..vision import RiceVisionModel
 from .anyres import AnyresGeometry, num_tiles, pack_image_features
 from .configuration import RiceMllmConfig
+from .lm_loss import LOSS_OPTIONS, ChunkedLossLmHead, install_chunked_loss_head
 from .projector import MultiModalProjector
 
 
@@ -64,6 +65,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         )
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        install_chunked_loss_head(self.language_model)  # the loss without full-vocabulary logits (lm_loss)
         self.post_init()
 
     @property
@@ -206,6 +208,10 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
     ) -> CausalLMOutputWithPast:
         """Logits (and the causal LM loss when `labels` [B, T] are given, -100 ignored) for a multimodal batch.
 
+        In training mode with labels, the loss (transformers': shifted labels, mean over supervised tokens,
+        `num_items_in_batch` honoured) is computed chunk by chunk in the LLM's `ChunkedLossLmHead`: no full-vocabulary
+        logits are built and `logits` is None (Liger-Kernel's rule). In eval mode, or with any other head (e.g. one
+        wrapped by the user), the LLM returns logits and loss as transformers does.
         A packed batch (data.packing) passes `position_ids` restarting at 0 per sample and no `attention_mask`.
         """
         if attention_mask is None and position_ids is not None and not _has_cache(kwargs):
@@ -218,6 +224,18 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
             kwargs["use_cache"] = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, batch_num_images)
+        head = self.language_model.get_output_embeddings()
+        if self.training and labels is not None and isinstance(head, ChunkedLossLmHead):
+            loss_options = {key: kwargs.pop(key) for key in LOSS_OPTIONS if key in kwargs}
+            outputs = self.language_model.get_decoder()(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            )
+            return CausalLMOutputWithPast(
+                loss=head(outputs.last_hidden_state, labels, **loss_options),
+                cache=outputs.cache,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
