@@ -51,6 +51,33 @@ def test_cluster_benchmark_runs_each_backend_and_checks_assignments(monkeypatch,
     assert all(r["wall_s"] > 0 and r["peak_gib"] > 0 and 0.5 < r["exact_share"] <= 1 for r in results.values())
 
 
+def test_gpu_benchmark_quick_runs_and_counts_model_flops_as_by_hand(bench, capsys):
+    script = bench("bench_gpu")
+    result = script["main"](["--quick", "--peak-tflops", "1"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "MFU" in out and result["tokens_per_s"] > 0
+    assert result["mfu"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e12)
+    # The tiny presets by hand. rice-vit-tiny: hidden 32, MLP 64, 56 px tiles of 14 px patches (n = 16), feature layer
+    # -2 of 2 blocks (1 runs); qwen2.5-tiny: hidden 128, MLP 512, 4 layers, 4 heads of 32, 2 KV heads, 712 ids.
+    shapes = script["FlopShapes"](
+        llm_params=4 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 512) + 712 * 128,  # q, k+v, o, MLP; head
+        llm_layers=4,
+        llm_attention_width=128,
+        projector_params=32 * 128 + 128 * 128,
+        patch_params=3 * 14 * 14 * 32,
+        vision_block_params=4 * 32 * 32 + 2 * 32 * 64,
+        vision_layers=1,
+        vision_width=32,
+        patches_per_tile=16,
+    )
+    assert result["shapes"] == shapes
+    # A step over samples of 100 and 60 tokens whose images gave 3 tiles.
+    llm = 6 * 1_074_176 * 160 + 6 * 4 * 128 * (100**2 + 60**2)
+    projector = 6 * 20_480 * 3 * 16
+    vision = 3 * (2 * 18_816 * 16 + 2 * 8_192 * 17 + 4 * 1 * 32 * 17**2)
+    assert script["step_flops"](shapes, [100, 60], 3) == llm + projector + vision == 1_081_639_296
+
+
 @pytest.mark.multirank
 def test_stage0_ranks_benchmark_runs_on_one_and_two_ranks_and_counts_bytes(bench, capsys):
     args = ["--vision", "rice-vit-tiny", "--images", "16", "--global-batch", "4", "--steps", "4"]
