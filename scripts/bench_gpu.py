@@ -11,24 +11,26 @@ forward under torch.autocast(bf16), gradients clipped at 1.0; the LLM attends as
 kit's tiny tokenizer (the ids are small, the logits span all 151,936), images 100-560 px a side (one 1x1 grid + base
 tile: up to 3,240 tokens; a bigger image's 2x2+1 tiles would take 8,080, a whole row) and base tiles only for the
 images of multi-image samples (LLaVA-OneVision). PackedBatchSampler + PackingCollator fill rows of 8192 tokens: a
-one-image sample takes 1.9-3.3K tokens, so rows of 4096 end up ~70% real on this mix, rows of 8192 ~90%. A step is 4
-rows (32K tokens), run as micro-batches of 1 row with gradient accumulation; estimated peak ~66 GiB: fp32 weights,
+one-image sample takes 1.9-3.3K tokens, so rows of 4096 end up ~75% real on this mix, rows of 8192 ~90%. A step is 4
+rows (32K tokens), run as micro-batches of 1 row with gradient accumulation; estimated peak ~52 GiB: fp32 weights,
 gradients and AdamW 24 GiB, their bf16 copies 3, activations 24 (3.2 MB a token, measured on the CPU for these LLM
-layers under bf16 autocast), the full-vocabulary loss ~15. On an out-of-memory error: --row-tokens 4096 --rows 8.
+layers under bf16 autocast), the chunked loss (mllm/lm_loss.py) ~1. Out of memory: --row-tokens 4096 --rows 8.
 
 MFU = model FLOPs of a step / step time / the GPU's dense bf16 peak, counting matmuls only (norms, softmax, RoPE, the
 optimizer and the recomputation of --gradient-checkpointing are left out):
-    LLM, trained:          6 * P_llm * T  +  6 * L * d * sum_i s_i^2
+    LLM, trained:          6 * P_layers * T  +  6 * V * h * T_sup  +  6 * L * d * sum_i s_i^2
     projector, trained:    6 * P_proj * tiles * n
     vision, frozen:        tiles * (2 * P_patch * n  +  2 * P_blocks * (n + 1)  +  4 * L_v * d_v * (n + 1)^2)
-P_llm: weights of the decoder layers' linears plus the LM head (vocabulary x hidden, tied or not); T: real tokens of
-the step (padding not counted); s_i: each sample's length; L, d: LLM layers and query heads x head dim; P_proj: the
-projector's weights (6x is a hair high: no input gradient flows into the frozen tower); n: patches per tile; P_patch,
-P_blocks, L_v, d_v: the patch embedding, the linears of the blocks that run, their number and width. Forward = 2 FLOPs
-per weight per token, training = 3x forward. Attention is counted per sample and causal (QK^T and AV over half of
-each s_i x s_i matrix): that is what flash-attn's varlen kernel and the per-sample SDPA compute; PaLM's
-12 * L * H * Q * T would also credit the masked half (and, in a packed row, other samples' tokens) that no kernel
-needs. Peak: NVIDIA's datasheet dense bf16 tensor-core figure for the device name (PEAK_BF16_TFLOPS), or --peak-tflops.
+P_layers: weights of the decoder layers' linears; T: real tokens of the step (padding not counted); V x h: the LM
+head, tied or not, run only at the T_sup tokens that have a label to predict (the kit's chunked loss, mllm/lm_loss.py,
+builds no other logits, and the loss needs none); s_i: each sample's length; L, d: LLM layers and query heads x head
+dim; P_proj: the projector's weights (6x is a hair high: no input gradient flows into the frozen tower); n: patches per
+tile; P_patch, P_blocks, L_v, d_v: the patch embedding, the linears of the blocks that run, their number and width.
+Forward = 2 FLOPs per weight per token, training = 3x forward. Attention is counted per sample and causal (QK^T and
+AV over half of each s_i x s_i matrix): that is what flash-attn's varlen kernel and the per-sample SDPA compute;
+PaLM's 12 * L * H * Q * T would also credit the masked half (and, in a packed row, other samples' tokens) that no
+kernel needs. Peak: NVIDIA's datasheet dense bf16 tensor-core figure for the device name (PEAK_BF16_TFLOPS), or
+--peak-tflops.
 
     python scripts/bench_gpu.py                           # one GPU; estimated 1-2 min on an H100 (not run there yet)
     python scripts/bench_gpu.py --quick --peak-tflops 1   # smoke run: tiny presets, fp32, 2 steps, CPU if no CUDA
@@ -44,6 +46,7 @@ import torch
 from bench_common import make_chats
 from torch import nn
 
+from rice_mllm.constants import IGNORE_INDEX
 from rice_mllm.data.packing import PackedBatchSampler, PackingCollator
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.configuration import RiceMllmConfig
@@ -87,7 +90,8 @@ GIB = 2**30
 class FlopShapes:
     """What the FLOP count of a step needs from the model (see the module docstring for the symbols)."""
 
-    llm_params: int  # P_llm
+    llm_layer_params: int  # P_layers
+    llm_head_params: int  # V x h
     llm_layers: int  # L
     llm_attention_width: int  # d
     projector_params: int  # P_proj
@@ -98,12 +102,12 @@ class FlopShapes:
     patches_per_tile: int  # n
 
 
-def step_flops(shapes: FlopShapes, sample_lengths: list[int], tiles: int) -> int:
-    """Model FLOPs of one training step over samples of these token lengths whose images gave `tiles` tiles."""
+def step_flops(shapes: FlopShapes, sample_lengths: list[int], supervised: int, tiles: int) -> int:
+    """Model FLOPs of one training step over samples of these token lengths, `supervised` of their tokens with a label
+    to predict, whose images gave `tiles` tiles."""
     s = shapes
-    llm = 6 * s.llm_params * sum(sample_lengths) + 6 * s.llm_layers * s.llm_attention_width * sum(
-        length**2 for length in sample_lengths
-    )
+    attention = s.llm_layers * s.llm_attention_width * sum(length**2 for length in sample_lengths)
+    llm = 6 * s.llm_layer_params * sum(sample_lengths) + 6 * s.llm_head_params * supervised + 6 * attention
     projector = 6 * s.projector_params * tiles * s.patches_per_tile
     tokens = s.patches_per_tile + 1  # CLS
     vision = tiles * (
@@ -131,7 +135,8 @@ def flop_shapes(model: RiceMllmForConditionalGeneration) -> FlopShapes:
     ]
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return FlopShapes(
-        llm_params=_linear_weights(model.language_model.model.layers) + text.vocab_size * text.hidden_size,
+        llm_layer_params=_linear_weights(model.language_model.model.layers),
+        llm_head_params=text.vocab_size * text.hidden_size,
         llm_layers=text.num_hidden_layers,
         llm_attention_width=text.num_attention_heads * head_dim,
         projector_params=_linear_weights(model.projector),
@@ -304,7 +309,9 @@ def _run(args: argparse.Namespace) -> dict:
 
     shapes = flop_shapes(model)
     tiles = [sum(batch["pixel_values"].shape[0] for batch in step) for step in steps]
-    flops = sum(step_flops(shapes, lengths, n) for lengths, n in zip(step_lengths, tiles, strict=True))
+    # labelled tokens = shifted targets: PackingCollator masks every sample's first label
+    supervised = [sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in step) for step in steps]
+    flops = sum(map(step_flops, [shapes] * len(steps), step_lengths, supervised, tiles))
     tokens = sum(map(sum, step_lengths))
     result = {
         "device": device_name,
@@ -318,7 +325,7 @@ def _run(args: argparse.Namespace) -> dict:
         "shapes": shapes,
     }
     image_tokens = sum(int((b["input_ids"] == processor.image_token_id).sum()) for step in steps for b in step)
-    llm_flops = sum(step_flops(shapes, lengths, 0) for lengths in step_lengths)  # no tiles: the LLM's alone
+    llm_flops = sum(map(step_flops, [shapes] * len(steps), step_lengths, supervised, [0] * len(steps)))  # no tiles
     print(f"device: {device_name}; peak {f'{peak:g} TFLOP/s' if peak else 'n/a (give --peak-tflops)'}")
     print(
         f"model: {args.vision} (frozen, blocks run: {shapes.vision_layers}) + "
@@ -332,7 +339,8 @@ def _run(args: argparse.Namespace) -> dict:
     )
     print(
         f"data: {sum(map(len, step_lengths))} samples, {tokens:,} real tokens ({image_tokens / tokens:.0%} image "
-        f"tokens), {sum(tiles)} tiles; {dropped} chats longer than a row left out"
+        f"tokens, {sum(supervised) / tokens:.0%} supervised), {sum(tiles)} tiles; {dropped} chats longer than a row "
+        "left out"
     )
     print(
         f"step: {args.rows} rows x {args.row_tokens} tokens ({tokens / len(steps) / args.rows / args.row_tokens:.0%} "
