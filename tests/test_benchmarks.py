@@ -79,6 +79,17 @@ def test_gpu_benchmark_quick_runs_and_counts_model_flops_as_by_hand(bench, capsy
     assert script["step_flops"](shapes, [100, 60], 40, 3) == llm + projector + vision == 1_016_021_376
 
 
+def test_loss_memory_benchmark_runs_both_sides_with_equal_losses(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    # Imported, not run_path: each side runs in a spawned process, which finds its target by module name.
+    result = importlib.import_module("bench_loss_memory").main(["--quick"])
+    out = capsys.readouterr().out
+    assert out.count("ratio vs transformers") == 2 and "vocabulary 151,936 rows" in out
+    kit, peer = result["loss"]["rice_mllm chunked loss"], result["loss"]["transformers Qwen2ForCausalLM(labels)"]
+    assert abs(kit - peer) <= 1e-5 * abs(peer), result["loss"]
+    assert all(value > 0 for key in ("peak_gib", "tokens_per_s") for value in result[key].values())
+
+
 @pytest.mark.multirank
 def test_stage0_ranks_benchmark_runs_on_one_and_two_ranks_and_counts_bytes(bench, capsys):
     args = ["--vision", "rice-vit-tiny", "--images", "16", "--global-batch", "4", "--steps", "4"]
