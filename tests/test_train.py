@@ -77,6 +77,9 @@ def test_llm_attention_choice_is_checked_and_auto_is_per_sample_without_flash_at
     assert llm_attn_implementation(load_config(None, ["model.attn_implementation=sdpa"])) == "sdpa"
     with pytest.raises(ValueError, match=r"model\.attn_implementation='flash'.*sdpa_per_sample"):
         llm_attn_implementation(load_config(None, ["model.attn_implementation=flash"]))
+    packed_flash = ["model.attn_implementation=flash_attention_2", "data.pack_max_tokens=4096"]
+    with pytest.raises(ValueError, match="one-row batches"):
+        llm_attn_implementation(load_config(None, packed_flash))
 
 
 # ---- DeepSpeed JSON ----

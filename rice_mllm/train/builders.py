@@ -119,14 +119,26 @@ def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
 
 
 def llm_attn_implementation(config: TrainConfig) -> str:
-    """`model.attn_implementation`, with "auto" resolved: flash-attn's varlen kernel where it can run (installed, a
-    CUDA device, bf16), else per-sample SDPA, which packed rows need to skip cross-sample attention on any device."""
+    """`model.attn_implementation`, with "auto" resolved: flash-attn where it can run (installed, a CUDA device,
+    bf16) on padded batches, else per-sample SDPA, which packed rows need to skip cross-sample attention.
+
+    Raises:
+        ValueError: an unknown name, or flash_attention_2 with packing: transformers' flash-attn path finds packed
+            samples only in a batch of one row, so several rows would silently attend across samples.
+    """
     choice = config.model.attn_implementation
     if choice not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"model.attn_implementation={choice!r}: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    packed = config.data.pack_max_tokens is not None
+    if choice == "flash_attention_2" and packed:
+        raise ValueError(
+            "model.attn_implementation=flash_attention_2 with data.pack_max_tokens: transformers' flash-attn path "
+            f"keeps packed samples apart only in one-row batches; use {PER_SAMPLE_SDPA}"
+        )
     if choice != "auto":
         return choice
-    return "flash_attention_2" if is_flash_attn_2_available() and config.optim.bf16 else PER_SAMPLE_SDPA
+    flash = is_flash_attn_2_available() and config.optim.bf16 and not packed
+    return "flash_attention_2" if flash else PER_SAMPLE_SDPA
 
 
 def _load_conversations(path: Path, image_folder: str | None) -> Sequence[Conversation]:

@@ -35,8 +35,8 @@ class ModelConfig:
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # the LLM's attention: "sdpa_per_sample" (packed rows attend per sample, any device), "flash_attention_2" (needs
-    # flash-attn and bf16), "sdpa" (transformers' default: a packed row attends as a whole under a mask), or "auto":
-    # flash_attention_2 where it can run, else sdpa_per_sample
+    # flash-attn and bf16; padded batches only), "sdpa" (transformers' default: a packed row attends as a whole under
+    # a mask), or "auto": flash_attention_2 where it can run, else sdpa_per_sample
     attn_implementation: str = "auto"
 
 
