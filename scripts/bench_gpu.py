@@ -291,7 +291,7 @@ def _run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(vision, text, processor).train()
     attn = llm_attn_implementation(config)
-    model.language_model.set_attn_implementation(attn)
+    model.set_llm_attn_implementation(attn)
     if args.gradient_checkpointing:  # as the trainer enables it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     groups = apply_stage(model, get_stage(config.stage))

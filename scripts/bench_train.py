@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         peer = export_peer(kit, processor, Path(tmp))
     # The same weights attending per sample in packed rows (the trainer's default without flash-attn).
     kit_per_sample = copy.deepcopy(kit)
-    kit_per_sample.set_attn_implementation({"text_config": PER_SAMPLE_SDPA})
+    kit_per_sample.set_llm_attn_implementation(PER_SAMPLE_SDPA)
     variants = {  # name -> (model, collate, batches)
         PEER: (peer, lambda chunk: to_llava_next_pixels(pad(chunk), geometry), batches),
         "rice_mllm, padded": (kit, pad, batches),

@@ -64,7 +64,7 @@ def model(processor, request):
     config.text_config.vocab_size = len(processor.tokenizer)
     torch.manual_seed(0)
     model = RiceMllmForConditionalGeneration(config).train()
-    model.set_attn_implementation({"text_config": request.param})
+    model.set_llm_attn_implementation(request.param)
     return model
 
 

@@ -113,6 +113,11 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         """None: every parameter is the same on every rank."""
         return []
 
+    def set_llm_attn_implementation(self, name: str) -> None:
+        """The LLM's attention ("sdpa", "sdpa_per_sample", "flash_attention_2", ...). The RICE tower is not
+        switched: it runs SDPA, or flash-attn on CUDA half precision, by itself."""
+        self.language_model.set_attn_implementation(name)
+
     def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, S, S] -> [tiles, N*N, D_vision]: hidden state `vision_feature_layer`, CLS dropped."""
         output = self.vision_tower(pixel_values, num_layers=self._num_vision_layers_used())

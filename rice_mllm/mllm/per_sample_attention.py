@@ -7,8 +7,8 @@ CUDA only. Here each sample (a span where positions count up by one, the rule tr
 sequences) runs causal SDPA alone, so no cross-sample attention is computed. Anything that is not a packed row (a
 padding mask, a cached decoding step) goes through transformers' SDPA unchanged.
 
-Importing the module registers the name with transformers' attention and mask interfaces, so
-`model.set_attn_implementation({"text_config": "sdpa_per_sample"})` selects it for the Qwen2 LLM.
+Importing the module registers the name with transformers' attention and mask interfaces, so a transformers model's
+`set_attn_implementation("sdpa_per_sample")` selects it (the kit's model: `set_llm_attn_implementation`).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
         model = RiceMllmForConditionalGeneration.from_pretrained(_init_dir(config))
     else:
         model = assemble_model(vision_source(config), config.model.llm, processor)
-    model.set_attn_implementation({"text_config": llm_attn_implementation(config)})
+    model.set_llm_attn_implementation(llm_attn_implementation(config))
     return model
 
 
