@@ -22,7 +22,8 @@ import re
 from pathlib import Path
 
 import torch
-from bench_common import timed
+from bench_common import SIZES, timed
+from bench_train import train_step
 from transformers import Qwen2ForCausalLM
 
 from rice_mllm.mllm.configuration import RiceMllmConfig
@@ -34,8 +35,8 @@ PEER = "transformers Qwen2ForCausalLM(labels)"
 KIT = "rice_mllm chunked loss"
 IMAGE_TOKEN_ID = 151_665  # the kit's <image>: the id after Qwen2.5's 151,665 tokenizer ids
 REGULAR_IDS = 151_643  # Qwen2.5's ordinary tokens (special tokens start here): what the batch is drawn from
-# LLM (hidden, intermediate, layers, heads, KV heads): bench_common's `default` stand-in (Qwen2.5 proportions)
-SIZES = {"default": (256, 1408, 2, 4, 2), "quick": (64, 128, 2, 4, 2)}
+# the order of bench_common.SIZES' "llm" tuples: the `default` stand-in has Qwen2.5's proportions
+LLM_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 
 def _status_kib(field: str) -> int:
@@ -48,15 +49,7 @@ def _reset_peak_rss() -> None:
 
 def build_models(size: str, seed: int) -> tuple[RiceMllmForConditionalGeneration, Qwen2ForCausalLM]:
     """The kit model (tiny vision tower, Qwen2-shaped LLM with 151,936 rows) and transformers' LLM with its weights."""
-    hidden, intermediate, layers, heads, kv_heads = SIZES[size]
-    text = dict(
-        load_preset("qwen2.5-0.5b"),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-    )
+    text = {**load_preset("qwen2.5-0.5b"), **dict(zip(LLM_FIELDS, SIZES[size]["llm"], strict=True))}
     config = RiceMllmConfig(vision_config=load_preset("rice-vit-tiny"), text_config=text, image_token_id=IMAGE_TOKEN_ID)
     torch.manual_seed(seed)
     kit = RiceMllmForConditionalGeneration(config)
@@ -74,14 +67,6 @@ def make_batch(batch_size: int, tokens: int, supervised: float, seed: int) -> di
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
 def _run(variant: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     torch.set_num_threads(args.threads)
     kit, peer = build_models(args.size, args.seed)
@@ -95,12 +80,12 @@ def _run(variant: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         parameter.requires_grad_(not name.startswith(frozen))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batch = make_batch(args.batch_size, args.tokens, args.supervised, args.seed)
-    losses = [_step(model, optimizer, batch)]  # warm-up: optimizer state, allocator
+    losses = [train_step(model, optimizer, batch)]  # warm-up: optimizer state, allocator
     cpu, peak, growth = 0.0, 0, 0
     for _ in range(args.steps):
         _reset_peak_rss()
         start = _status_kib("VmRSS")
-        seconds, loss = timed(_step, model, optimizer, batch)
+        seconds, loss = timed(train_step, model, optimizer, batch)
         high = _status_kib("VmHWM")
         cpu, peak, growth, losses = cpu + seconds, max(peak, high), max(growth, high - start), [*losses, loss]
     queue.put(
@@ -145,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     vocab, tokens = load_preset("qwen2.5-0.5b")["vocab_size"], args.batch_size * args.tokens
     print(
-        f"LLM {SIZES[args.size]} (hidden, MLP, layers, heads, KV heads), vocabulary {vocab:,} rows; batch "
+        f"LLM {SIZES[args.size]['llm']} (hidden, MLP, layers, heads, KV heads), vocabulary {vocab:,} rows; batch "
         f"{args.batch_size} x {args.tokens} tokens, {args.supervised:.0%} supervised; kit chunks of "
         f"{chunk_tokens_for(vocab)} tokens; full fp32 logits would be {tokens * vocab * 4 / 2**30:.2f} GiB; "
         f"torch threads {args.threads}"

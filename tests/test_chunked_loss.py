@@ -3,11 +3,9 @@ logits, through the function, transformers' Qwen2ForCausalLM and the whole multi
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -23,7 +21,7 @@ from rice_mllm.mllm.lm_loss import (
     install_chunked_loss_head,
 )
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
-from tests.fixtures import TINY_TEXT, tiny_mllm_config
+from tests.fixtures import TINY_TEXT, noise_image, tiny_mllm_config
 
 B, T, D, V = 3, 11, 16, 97  # 33 tokens: chunks of 4, 5 and 7 leave a ragged last chunk
 
@@ -197,12 +195,10 @@ def processor():
 
 @pytest.fixture(scope="module")
 def samples(processor):
-    rng = np.random.default_rng(0)
-    out = []
-    for messages, num_images in CONVERSATIONS:
-        images = [Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)) for _ in range(num_images)]
-        out.append(processor(messages, images))
-    return out
+    return [
+        processor(messages, [noise_image(40, 70, seed=10 * i + j) for j in range(num_images)])
+        for i, (messages, num_images) in enumerate(CONVERSATIONS)
+    ]
 
 
 def _kit_and_plain(processor, tie: bool = True):
