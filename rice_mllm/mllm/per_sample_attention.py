@@ -23,14 +23,14 @@ PER_SAMPLE_SDPA = "sdpa_per_sample"
 
 def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row of `position_ids` [B, T], the (start, end) of each sample: a new one wherever a position does not
-    follow its predecessor by one."""
+    follow its predecessor by one. Only the starts reach Python (a few per row, not T per row, once per layer)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    width = position_ids.shape[1]
-    spans = []
-    for row_starts in starts.tolist():
-        begins = [t for t, is_start in enumerate(row_starts) if is_start]
-        spans.append(list(zip(begins, [*begins[1:], width], strict=True)))
+    rows, begins = (index.tolist() for index in starts.nonzero(as_tuple=True))
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(position_ids.shape[0])]
+    for i, (row, begin) in enumerate(zip(rows, begins, strict=True)):
+        same_row_next = i + 1 < len(rows) and rows[i + 1] == row
+        spans[row].append((begin, begins[i + 1] if same_row_next else position_ids.shape[1]))
     return spans
 
 
