@@ -59,6 +59,12 @@ def test_the_target_is_the_one_that_reproduces_the_model(geometry, target):
         choose_target(config, "llava")
 
 
+@pytest.mark.parametrize("target", ["auto", "llava_next", "llava_onevision"])
+def test_a_model_with_region_tokens_is_refused_by_every_target(target):
+    with pytest.raises(ValueError, match="region tokens"):
+        choose_target(tiny_mllm_config(region_token_id=7), target)
+
+
 # In the fresh process: transformers' OneVision classes from the exported folder alone (load_exported builds the
 # processor from the saved files where transformers cannot without torchvision, for its video processor).
 ONEVISION_SCRIPT = """

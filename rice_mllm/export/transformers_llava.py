@@ -54,8 +54,14 @@ def choose_target(config: RiceMllmConfig, target: str = "auto") -> str:
     OneVision cuts the images of a multi-image sample to their base tile, so a budgeted model with
     `multi_image_tiling=anyres` is reproduced there on one-image and text-only samples, and on multi-image samples
     when their images are passed one list per image (batch_num_images of ones). Forcing "llava_next" on a model it
-    cannot reproduce raises, naming the setting.
+    cannot reproduce raises, naming the setting, and so does any target for a model with region tokens, which
+    neither class computes.
     """
+    if config.region_token_id is not None:
+        raise ValueError(
+            "the model has region tokens (region_token_id: box features from RICE's region transformer), which "
+            "transformers' LLaVA-NeXT and OneVision classes do not compute; export a model trained without them"
+        )
     if target == "auto":
         return "llava_next" if config.max_grid_tiles is None and config.multi_image_tiling == "anyres" else TARGETS[1]
     if target == "llava_next":

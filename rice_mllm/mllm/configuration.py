@@ -25,6 +25,8 @@ class RiceMllmConfig(PreTrainedConfig):
             OneVision classes reproduce exactly, unlike a 2x2 token merge.
         multi_image_tiling: "anyres" tiles every image of a multi-image sample (LLaVA-NeXT in transformers);
             "base" gives each its base tile only (LLaVA-NeXT's training code, LLaVA-OneVision): see AnyresGeometry.
+        region_token_id: id of the `<region>` token that follows each box of a user turn and carries the box's
+            region feature (mllm/region_tokens.py); None: region tokens off, boxes are plain text.
     """
 
     model_type = "rice_mllm"
@@ -41,6 +43,7 @@ class RiceMllmConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     max_grid_tiles: int | None = None
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
+    region_token_id: int | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -8,6 +8,7 @@ every image is (LLaVA-NeXT).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -23,10 +24,33 @@ from .anyres import AnyresGeometry, num_tiles, pack_image_features
 from .configuration import RiceMllmConfig
 from .lm_loss import LOSS_OPTIONS, ChunkedLossLmHead, install_chunked_loss_head
 from .projector import MultiModalProjector
+from .region_tokens import boxes_on_base_tile, region_features
 
 
 class ImageTokenMismatchError(ValueError):
     """The `<image>` tokens of a batch and the features of its images disagree in number."""
+
+
+class RegionTokenMismatchError(ValueError):
+    """The `<region>` tokens of a batch and its boxes disagree in number, or a box names no image of the batch."""
+
+
+@dataclass
+class ImageLayout:
+    """A batch's images: (height, width) each, tiled or base tile only, tiles each (the base tile first)."""
+
+    sizes: list[tuple[int, int]]
+    tiled: list[bool]
+    tiles_per_image: list[int]
+
+
+@dataclass
+class EncodedTiles:
+    """One vision pass: `features` [tiles, N*N, D] at `vision_feature_layer` (CLS dropped); `last_hidden`
+    [tiles, 1+N*N, D] the last block's output when region tokens are on, else None."""
+
+    features: torch.Tensor
+    last_hidden: torch.Tensor | None
 
 
 def _has_cache(kwargs: dict) -> bool:
@@ -100,7 +124,10 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
 
     def unused_parameter_names(self) -> list[str]:
         """Vision parameters past the feature layer (and the pooled-CLS norm): kept for checkpoint fidelity, never
-        reached by the loss. Trainers must freeze them, or ZeRO and DDP wait for gradients that never come."""
+        reached by the loss. Trainers must freeze them, or ZeRO and DDP wait for gradients that never come. None with
+        region tokens on: the region transformer reads the last block through `post_layernorm`."""
+        if self.config.region_token_id is not None:
+            return []
         used = self._num_vision_layers_used()
         prefixes = [
             f"vision_tower.vision_model.encoder.layers.{i}."
@@ -118,10 +145,38 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         switched: it runs SDPA, or flash-attn on CUDA half precision, by itself."""
         self.language_model.set_attn_implementation(name)
 
-    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[tiles, 3, S, S] -> [tiles, N*N, D_vision]: hidden state `vision_feature_layer`, CLS dropped."""
-        output = self.vision_tower(pixel_values, num_layers=self._num_vision_layers_used())
-        return output.last_hidden_state[:, 1:]
+    def _encode_tiles(self, pixel_values: torch.Tensor) -> EncodedTiles:
+        """One vision pass over [tiles, 3, S, S]: the blocks up to `vision_feature_layer`, or every block when region
+        tokens are on (the region transformer reads the last one, as in stage 0)."""
+        used = self._num_vision_layers_used()
+        if self.config.region_token_id is None:
+            return EncodedTiles(self.vision_tower(pixel_values, num_layers=used).last_hidden_state[:, 1:], None)
+        output = self.vision_tower(pixel_values, output_hidden_states=True)
+        return EncodedTiles(output.hidden_states[used][:, 1:], output.last_hidden_state)
+
+    def _image_layout(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None
+    ) -> ImageLayout:
+        """Sizes, tiling and tile counts of a batch's images, checked against `pixel_values`."""
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        tiled = self._tiled_images(batch_num_images, len(sizes))
+        tiles_per_image = [num_tiles(size, self.geometry, t) for size, t in zip(sizes, tiled, strict=True)]
+        if sum(tiles_per_image) != pixel_values.shape[0]:
+            raise ImageTokenMismatchError(
+                f"image sizes {sizes} need {sum(tiles_per_image)} tiles ({tiles_per_image}), "
+                f"pixel_values has {pixel_values.shape[0]}"
+            )
+        return ImageLayout(sizes, tiled, tiles_per_image)
+
+    def _packed_features(self, tile_features: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+        """[tiles, N*N, D_vision] -> [sum of num_image_tokens over images, D_llm]: projected, packed per image."""
+        per_image = self.projector(tile_features).split(layout.tiles_per_image)
+        return torch.cat(
+            [
+                pack_image_features(tiles, size, self.geometry, self.image_newline, t)
+                for tiles, size, t in zip(per_image, layout.sizes, layout.tiled, strict=True)
+            ]
+        )
 
     def image_features(
         self,
@@ -139,23 +194,8 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         Returns:
             [sum of num_image_tokens over images, D_llm], images in order.
         """
-        geometry = self.geometry
-        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
-        tiled = self._tiled_images(batch_num_images, len(sizes))
-        tiles_per_image = [num_tiles(size, geometry, t) for size, t in zip(sizes, tiled, strict=True)]
-        if sum(tiles_per_image) != pixel_values.shape[0]:
-            raise ImageTokenMismatchError(
-                f"image sizes {sizes} need {sum(tiles_per_image)} tiles ({tiles_per_image}), "
-                f"pixel_values has {pixel_values.shape[0]}"
-            )
-        features = self.projector(self._vision_features(pixel_values))  # [tiles, N*N, D_llm]
-        per_image = features.split(tiles_per_image)
-        return torch.cat(
-            [
-                pack_image_features(tiles, size, geometry, self.image_newline, t)
-                for tiles, size, t in zip(per_image, sizes, tiled, strict=True)
-            ]
-        )
+        layout = self._image_layout(pixel_values, image_sizes, batch_num_images)
+        return self._packed_features(self._encode_tiles(pixel_values).features, layout)
 
     def _tiled_images(self, batch_num_images: torch.Tensor | None, num_images: int) -> list[bool]:
         """Per image of the batch: tiled, or its base tile only (a multi-image sample under "base" tiling)."""
@@ -169,35 +209,97 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         geometry = self.geometry
         return [geometry.tiles_images_of(n) for n in counts for _ in range(n)]
 
+    def region_embeddings(
+        self, last_hidden: torch.Tensor, layout: ImageLayout, boxes: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
+        """[R, D_llm]: each box's region feature (`region_tokens`) through the projector.
+
+        Args:
+            last_hidden: [tiles, 1+N*N, D_vision] the last block's output (`_encode_tiles`).
+            layout: the batch's images.
+            boxes: [R, 4] 0-1000 of their images.
+            images: [R] index of each box's image among the batch's images.
+        """
+        if len(images) and not 0 <= int(images.min()) <= int(images.max()) < len(layout.sizes):
+            raise RegionTokenMismatchError(f"region_images {images.tolist()} for {len(layout.sizes)} images")
+        first_tiles = torch.tensor([0, *layout.tiles_per_image[:-1]], device=images.device).cumsum(0)
+        sizes = torch.tensor(layout.sizes, device=images.device)[images]
+        tiled = torch.tensor(layout.tiled, device=images.device)[images]
+        tile = self.config.vision_config.image_size
+        pixels = boxes_on_base_tile(boxes, sizes, tiled, tile)
+        grid = (tile // self.config.vision_config.patch_size,) * 2
+        hidden = last_hidden[first_tiles[images]]  # [R, 1+N*N, D]: each box's base tile
+        return self.projector(region_features(self.vision_tower, hidden, grid, pixels))
+
+    def _write_regions(
+        self,
+        embeds: torch.Tensor,
+        input_ids: torch.LongTensor,
+        encoded: EncodedTiles,
+        layout: ImageLayout,
+        region_boxes: torch.Tensor | None,
+        region_images: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Region features over the `<region>` positions (region tokens on); one per box, in order."""
+        is_region = input_ids == self.config.region_token_id
+        boxes = region_boxes if region_boxes is not None else embeds.new_zeros(0, 4)
+        images = region_images if region_images is not None else torch.zeros(0, dtype=torch.long)
+        if int(is_region.sum()) != len(boxes) or len(boxes) != len(images):
+            raise RegionTokenMismatchError(
+                f"the batch has {int(is_region.sum())} <region> tokens, {len(boxes)} region_boxes and "
+                f"{len(images)} region_images"
+            )
+        if len(boxes):
+            regions = self.region_embeddings(encoded.last_hidden, layout, boxes, images.to(boxes.device))
+            return embeds.masked_scatter(is_region[..., None], regions.to(embeds.dtype))
+        if self.training:  # every rank runs the region path (post_layernorm), as the dummy tile below
+            dummy = torch.zeros(1, 4, device=embeds.device), torch.zeros(1, dtype=torch.long, device=embeds.device)
+            embeds = embeds + 0.0 * self.region_embeddings(encoded.last_hidden, layout, *dummy).sum()
+        return embeds
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        region_boxes: torch.Tensor | None = None,
+        region_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features written over the `<image>` positions. [B, T] -> [B, T, D_llm]."""
+        """Token embeddings with image features written over the `<image>` positions (and, with region tokens on,
+        region features over the `<region>` positions: `region_boxes` [R, 4] in 0-1000 of the image whose index
+        among the batch's images `region_images` [R] gives). [B, T] -> [B, T, D_llm]."""
         embeds = self.get_input_embeddings()(input_ids)
         is_image = input_ids == self.config.image_token_id
         num_image_tokens = int(is_image.sum())
         has_images = pixel_values is not None and image_sizes is not None and len(image_sizes) > 0
         if not has_images:
-            if num_image_tokens:
-                raise ImageTokenMismatchError(f"the batch has {num_image_tokens} <image> tokens but no images")
+            if num_image_tokens or (region_boxes is not None and len(region_boxes)):
+                raise ImageTokenMismatchError(f"the batch has {num_image_tokens} <image> tokens or boxes but no images")
             if self.training:
                 # Touch the vision path with a zero-weighted dummy tile so every rank runs the same modules:
                 # under ZeRO-3 a rank that skipped the tower would hang the others' parameter gathers.
                 side = self.config.vision_config.image_size
-                touched = self.projector(self._vision_features(embeds.new_zeros(1, 3, side, side))).sum()
-                embeds = embeds + 0.0 * (touched + self.image_newline.sum())
+                dummy = embeds.new_zeros(1, 3, side, side)
+                layout = ImageLayout([(side, side)], [True], [1])
+                encoded = self._encode_tiles(dummy)
+                touched = self.projector(encoded.features).sum() + self.image_newline.sum()
+                embeds = embeds + 0.0 * touched
+                if encoded.last_hidden is not None:
+                    embeds = self._write_regions(embeds, input_ids, encoded, layout, None, None)
             return embeds
-        features = self.image_features(pixel_values, image_sizes, batch_num_images)
+        layout = self._image_layout(pixel_values, image_sizes, batch_num_images)
+        encoded = self._encode_tiles(pixel_values)
+        features = self._packed_features(encoded.features, layout)
         if features.shape[0] != num_image_tokens:
             raise ImageTokenMismatchError(
                 f"the batch has {num_image_tokens} <image> tokens but its {len(image_sizes)} images give "
                 f"{features.shape[0]} features (sizes {image_sizes.tolist()})"
             )
-        return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        if self.config.region_token_id is None:
+            return embeds
+        return self._write_regions(embeds, input_ids, encoded, layout, region_boxes, region_images)
 
     def forward(
         self,
@@ -209,6 +311,8 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         batch_num_images: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        region_boxes: torch.Tensor | None = None,
+        region_images: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the causal LM loss when `labels` [B, T] are given, -100 ignored) for a multimodal batch.
@@ -228,7 +332,9 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
                 )
             kwargs["use_cache"] = False
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, batch_num_images)
+            inputs_embeds = self.embed_inputs(
+                input_ids, pixel_values, image_sizes, batch_num_images, region_boxes, region_images
+            )
         head = self.language_model.get_output_embeddings()
         if self.training and labels is not None and isinstance(head, ChunkedLossLmHead):
             loss_options = {key: kwargs.pop(key) for key in LOSS_OPTIONS if key in kwargs}
@@ -257,10 +363,14 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        region_boxes: torch.Tensor | None = None,
+        region_images: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Generate a continuation of a (left-padded) batch. Returns only the new token ids, [B, new_tokens]."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, batch_num_images)
+        inputs_embeds = self.embed_inputs(
+            input_ids, pixel_values, image_sizes, batch_num_images, region_boxes, region_images
+        )
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )

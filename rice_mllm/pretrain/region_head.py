@@ -88,22 +88,30 @@ def region_attention(
 
 
 def encode_for_regions(encoder: RiceVisionModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One encoder forward, then what the region transformer reads: `post_layernorm` of every token, and the patches'
-    RoPE angles at the input's grid.
+    """One encoder forward, then what the region transformer reads (`region_inputs`).
 
     Returns:
         tokens [B, 1+HW, D], patch_angles [HW, head_dim/2].
     """
-    config, body = encoder.config, encoder.vision_model
     hidden = encoder(pixel_values).last_hidden_state  # [B, 1+HW, D]
+    patch = encoder.config.patch_size
+    return region_inputs(encoder, hidden, (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch))
+
+
+def region_inputs(
+    encoder: RiceVisionModel, last_hidden_state: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the region transformer reads from an encoder pass already made: `post_layernorm` of every token of the
+    last block's output [B, 1+HW, D], and the patches' RoPE angles at the (h, w) patch grid."""
+    config, body = encoder.config, encoder.vision_model
     angles = axial_rope_angles(
-        pixel_values.shape[-2] // config.patch_size,
-        pixel_values.shape[-1] // config.patch_size,
+        grid[0],
+        grid[1],
         config.hidden_size // config.num_attention_heads,
         float(config.rope_parameters["rope_theta"]),
         body.class_pos_emb,
     )
-    return body.post_layernorm(hidden), angles[1:]
+    return body.post_layernorm(last_hidden_state), angles[1:]
 
 
 class RegionTransformer(nn.Module):

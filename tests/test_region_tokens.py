@@ -1,0 +1,101 @@
+"""Region tokens: each box's feature is stage 0's region transformer over the image's base tile, then the projector."""
+
+import pytest
+import torch
+
+from rice_mllm.mllm.anyres import num_image_tokens
+from rice_mllm.mllm.modeling import RegionTokenMismatchError, RiceMllmForConditionalGeneration
+from rice_mllm.mllm.region_tokens import boxes_on_base_tile
+from rice_mllm.pretrain.region_head import box_patch_masks, encode_for_regions, region_attention
+from tests.fixtures import TINY_IMAGE_TOKEN_ID, tiny_mllm_config
+
+REGION = 7  # any id of the tiny vocabulary other than the image token
+
+
+def _model(region_token_id=REGION, seed=0):
+    torch.manual_seed(seed)
+    return RiceMllmForConditionalGeneration(tiny_mllm_config(region_token_id=region_token_id)).eval()
+
+
+def _batch(model, num_regions):
+    """One tiled 28 x 56 image (1x2 grid: base + 2 tiles), then `num_regions` region tokens."""
+    image_tokens = num_image_tokens((28, 56), model.geometry)
+    ids = [1, *[TINY_IMAGE_TOKEN_ID] * image_tokens, 2, *[REGION] * num_regions, 3]
+    torch.manual_seed(1)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": torch.randn(3, 3, 28, 28),
+        "image_sizes": torch.tensor([[28, 56]]),
+    }
+
+
+def test_boxes_map_to_the_base_tile_by_hand():
+    boxes = torch.tensor([[0, 0, 500, 1000], [0, 0, 500, 1000]])
+    sizes = torch.tensor([[100, 200], [100, 200]])  # height 100, width 200
+    tiled = torch.tensor([True, False])
+    got = boxes_on_base_tile(boxes, sizes, tiled, 56)
+    # squashed: 0-1000 scale straight to 56 px; padded: the image sits at rows 50-150 of a 200 px square
+    expected = torch.tensor([[0.0, 0.0, 28.0, 56.0], [0.0, 14.0, 28.0, 42.0]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_region_features_equal_stage_0s_region_transformer_on_the_base_tile():
+    model = _model()
+    batch = _batch(model, 2)
+    boxes = torch.tensor([[0, 0, 500, 1000], [250, 500, 1000, 1000]])
+    with torch.no_grad():
+        embeds = model.embed_inputs(**batch, region_boxes=boxes, region_images=torch.tensor([0, 0]))
+        got = embeds[0, batch["input_ids"][0] == REGION]
+        # reference: a separate stage-0 encoder pass over the base tile, boxes in its pixels by hand (28 px tile)
+        tokens, angles = encode_for_regions(model.vision_tower, batch["pixel_values"][:1])
+        pixels = torch.tensor([[[0.0, 0.0, 14.0, 28.0], [7.0, 14.0, 28.0, 28.0]]])
+        masks = box_patch_masks(pixels, (2, 2), model.config.vision_config.patch_size)
+        heads = model.config.vision_config.num_attention_heads
+        expected = model.projector(region_attention(tokens, masks, angles, heads)[0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_region_tokens_leave_image_features_and_text_unchanged():
+    with_regions, without = _model(), _model(region_token_id=None)
+    batch = _batch(with_regions, 1)
+    with torch.no_grad():
+        a = with_regions.embed_inputs(
+            **batch, region_boxes=torch.tensor([[0, 0, 1000, 1000]]), region_images=torch.tensor([0])
+        )
+        b = without.embed_inputs(**batch)
+    keep = batch["input_ids"][0] != REGION
+    torch.testing.assert_close(a[0, keep], b[0, keep])
+
+
+@pytest.mark.parametrize("num_boxes", [0, 2])
+def test_a_box_count_unlike_the_region_tokens_is_named(num_boxes):
+    model = _model()
+    with pytest.raises(RegionTokenMismatchError, match=rf"1 <region> tokens, {num_boxes} region_boxes"):
+        model.embed_inputs(
+            **_batch(model, 1),
+            region_boxes=torch.zeros(num_boxes, 4),
+            region_images=torch.zeros(num_boxes, dtype=torch.long),
+        )
+
+
+def test_a_box_of_a_missing_image_is_named():
+    model = _model()
+    with pytest.raises(RegionTokenMismatchError, match=r"region_images \[1\] for 1 images"):
+        model.embed_inputs(**_batch(model, 1), region_boxes=torch.zeros(1, 4), region_images=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("num_regions", [0, 1])
+def test_training_reaches_every_vision_parameter_with_or_without_boxes(num_regions):
+    """Region tokens run every block and post_layernorm on every rank: no parameter is left without a gradient."""
+    model = _model().train()
+    assert model.unused_parameter_names() == []
+    batch = _batch(model, num_regions)
+    labels = batch["input_ids"].clone()
+    boxes = torch.tensor([[100, 100, 900, 900]] * num_regions).reshape(-1, 4)
+    images = torch.zeros(num_regions, dtype=torch.long)
+    model(**batch, labels=labels, region_boxes=boxes, region_images=images).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    post_norm = model.vision_tower.vision_model.post_layernorm.weight.grad
+    assert (post_norm.abs().sum() > 0) == bool(num_regions)
