@@ -2,8 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rice_mllm.mllm.anyres import num_image_tokens
+from rice_mllm.constants import IGNORE_INDEX
+from rice_mllm.data.collate import PaddingCollator
+from rice_mllm.data.packing import PackingCollator
+from rice_mllm.mllm.anyres import num_image_tokens, num_tiles
 from rice_mllm.mllm.modeling import RegionTokenMismatchError, RiceMllmForConditionalGeneration
 from rice_mllm.mllm.region_tokens import boxes_on_base_tile
 from rice_mllm.pretrain.region_head import box_patch_masks, encode_for_regions, region_attention
@@ -99,3 +103,62 @@ def test_training_reaches_every_vision_parameter_with_or_without_boxes(num_regio
     assert missing == []
     post_norm = model.vision_tower.vision_model.post_layernorm.weight.grad
     assert (post_norm.abs().sum() > 0) == bool(num_regions)
+
+
+def _sample(model, sizes, boxes, owners, seed):
+    """A hand-built processor sample: its images' tokens, a few text tokens, one region token per box."""
+    geometry, generator = model.geometry, torch.Generator().manual_seed(seed)
+    ids = [1]
+    for size in sizes:
+        ids += [TINY_IMAGE_TOKEN_ID] * num_image_tokens(size, geometry) + [2]
+    ids += [REGION] * len(boxes) + [3, 4, 6, 8][: 2 + seed % 3]
+    ids = torch.tensor(ids)
+    tiles = sum(num_tiles(size, geometry) for size in sizes)
+    return {
+        "input_ids": ids,
+        "labels": torch.where((ids == TINY_IMAGE_TOKEN_ID) | (ids == REGION), IGNORE_INDEX, ids),
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(tiles, 3, 28, 28, generator=generator),
+        "image_sizes": torch.tensor(sizes).reshape(-1, 2),
+        "batch_num_images": torch.tensor([len(sizes)]),
+        "region_boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "region_images": torch.tensor(owners, dtype=torch.long),
+    }
+
+
+def test_padded_and_packed_batches_with_boxes_give_the_loss_and_gradients_of_samples_alone():
+    """Boxes stay with their samples' images through both collators (region_images renumbered per batch)."""
+    model = _model().train()
+    samples = [
+        _sample(model, [(28, 56)], [[0, 0, 500, 1000]], [0], seed=0),
+        _sample(model, [], [], [], seed=1),
+        _sample(model, [(56, 28), (28, 28)], [[100, 100, 900, 900], [0, 500, 1000, 1000]], [1, 0], seed=2),
+    ]
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def alone():
+        total, count = 0.0, 0
+        for sample in samples:
+            batch = PaddingCollator(0)([sample])
+            labels = batch.pop("labels")
+            model.eval()  # logits, then the loss by hand: the sum over this sample's supervised tokens
+            logits = model(**batch).logits[0]
+            model.train()
+            targets = labels[0, 1:]
+            total = total + F.cross_entropy(logits[:-1], targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((targets != IGNORE_INDEX).sum())
+        return total / count
+
+    reference = loss_and_grads(alone)
+    for collate in (PaddingCollator(0), PackingCollator(10_000, 0)):  # one packed row: samples in order
+        batch = collate(samples)
+        assert batch["region_images"].tolist() == [0, 2, 1]  # sample 2's boxes name images 1 and 0 of its own
+        loss, grads = loss_and_grads(lambda batch=batch: model(**batch).loss)
+        assert abs(loss - reference[0]) <= 1e-5 * abs(reference[0])
+        for name, grad in reference[1].items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,7 +1,8 @@
 """Padding collator: processor samples -> one batch (right padding, -100 labels, tiles concatenated).
 
 Follows the processor batch contract: pixel_values [total_tiles, 3, S, S] in image order, image_sizes
-[num_images, 2]. Invariant: no sample or image is dropped; text-only samples add no tiles.
+[num_images, 2]; region_boxes / region_images when samples carry boxes for region tokens. Invariant: no sample, image
+or box is dropped; text-only samples add no tiles.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from rice_mllm.constants import IGNORE_INDEX
+
+IMAGE_KEYS = ("pixel_values", "image_sizes", "batch_num_images")
 
 
 class PaddingCollator:
@@ -49,7 +52,20 @@ class PaddingCollator:
         for row, sample in enumerate(samples):
             for key in ("input_ids", "labels", "attention_mask"):
                 batch[key][row, : len(sample[key])] = sample[key]
-        batch["pixel_values"] = torch.cat([sample["pixel_values"] for sample in samples], dim=0)
-        batch["image_sizes"] = torch.cat([sample["image_sizes"] for sample in samples], dim=0)
-        batch["batch_num_images"] = torch.cat([sample["batch_num_images"] for sample in samples], dim=0)
-        return batch
+        return {**batch, **concat_images(samples)}
+
+
+def concat_images(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The images of `samples`, in the order given (the order the model meets their `<image>` runs): pixel_values,
+    image_sizes, batch_num_images; and, when a sample has boxes for region tokens, region_boxes [R, 4] with
+    region_images [R] renumbered from each sample's images to the batch's."""
+    images = {key: torch.cat([sample[key] for sample in samples], dim=0) for key in IMAGE_KEYS}
+    if not any("region_boxes" in sample for sample in samples):
+        return images
+    boxes, owners, first_image = [], [], 0
+    for sample in samples:
+        if "region_boxes" in sample:
+            boxes.append(sample["region_boxes"])
+            owners.append(sample["region_images"] + first_image)
+        first_image += len(sample["image_sizes"])
+    return {**images, "region_boxes": torch.cat(boxes), "region_images": torch.cat(owners)}

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from rice_mllm.constants import IGNORE_INDEX
+from rice_mllm.data.collate import concat_images
 from rice_mllm.mllm.processing import SampleTooLongError
 
 
@@ -81,8 +82,8 @@ class PackingCollator:
         Returns:
             input_ids, labels, position_ids [R, W] (R rows, W = longest row, rounded up); pixel_values
             [sum tiles_i, 3, S, S], image_sizes [sum images_i, 2] and batch_num_images [B] (per sample, not per
-            row) in row order, which is the order the model meets the `<image>` runs. No attention_mask: packing
-            is read from the position ids.
+            row), and region boxes when samples have them, in row order, which is the order the model meets the
+            `<image>` runs (`concat_images`). No attention_mask: packing is read from the position ids.
         """
         if not samples:
             raise ValueError("cannot pack an empty list of samples")
@@ -108,11 +109,7 @@ class PackingCollator:
                 batch["position_ids"][r, start:end] = torch.arange(len(ids))
                 start = end
             batch["position_ids"][r, start:] = torch.arange(width - start)
-        order = [index for row in rows for index in row]
-        batch["pixel_values"] = torch.cat([samples[i]["pixel_values"] for i in order], dim=0)
-        batch["image_sizes"] = torch.cat([samples[i]["image_sizes"] for i in order], dim=0)
-        batch["batch_num_images"] = torch.cat([samples[i]["batch_num_images"] for i in order], dim=0)
-        return batch
+        return {**batch, **concat_images([samples[index] for row in rows for index in row])}
 
 
 def _epoch_order(size: int, seed: int, epoch: int) -> tuple[random.Random, list[int]]:
