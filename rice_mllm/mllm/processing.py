@@ -1,8 +1,9 @@
 """RiceMllmProcessor: chat messages + images -> input_ids, labels, attention_mask, pixel tiles, image sizes.
 
 Messages are rendered with the processor's template (ChatML, or LLaVA's plain one for alignment); each `<image>`
-placeholder becomes anyres.num_image_tokens(size, tiled) copies of the image token (labelled -100).
-Invariants: placeholders == images, and a sample is never truncated: too long raises SampleTooLongError.
+placeholder becomes anyres.num_image_tokens(size, tiled) copies of the image token (labelled -100); with `regions`,
+each `<region>` placeholder becomes its box text (boxes.fill_regions), so training, eval and the data check render
+boxes alike. Invariants: placeholders == images, and a sample is never truncated: too long raises SampleTooLongError.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer
 from rice_mllm.checkpoint_layout import PROCESSOR_CONFIG_FILE
 from rice_mllm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from rice_mllm.mllm.anyres import Size, num_image_tokens
+from rice_mllm.mllm.boxes import fill_regions
 from rice_mllm.mllm.chat_template import DEFAULT_TEMPLATE, get_template, tokenize_chat
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 
@@ -98,22 +100,31 @@ class RiceMllmProcessor:
         messages: Sequence[Mapping[str, str]],
         image_sizes: Sequence[Size] = (),
         add_generation_prompt: bool = False,
+        regions: Sequence[Sequence[float]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Token side of a sample, from image sizes alone (the data doctor needs no pixels).
 
         Does not check max_length (see `check_length`), so a checker can still measure long samples.
+
+        Args:
+            regions: pixel boxes (x0, y0, x1, y1) of the `<region>` placeholders, in order, each on the original
+                image of the nearest `<image>` before it (boxes.py); None: the text is taken as it is (chat and the
+                server send box text itself).
 
         Returns:
             input_ids, labels, attention_mask: [T] long each.
 
         Raises:
             ImagePlaceholderError: placeholder count != len(image_sizes).
+            RegionError: regions that do not fit the placeholders or the images (boxes.fill_regions).
         """
         placeholders = count_placeholders(messages)
         if placeholders != len(image_sizes):
             raise ImagePlaceholderError(
                 f"{placeholders} {IMAGE_TOKEN} placeholder(s) in the messages but {len(image_sizes)} image(s)"
             )
+        if regions is not None:
+            messages = fill_regions(messages, regions, image_sizes)
         rendered = tokenize_chat(self.tokenizer, self._template.format(messages, add_generation_prompt))
         # The tokenizer holds IMAGE_TOKEN as a special token (checked in __init__): one id per placeholder.
         positions = [i for i, token in enumerate(rendered.input_ids) if token == self.image_token_id]
@@ -149,6 +160,7 @@ class RiceMllmProcessor:
         messages: Sequence[Mapping[str, str]],
         images: Sequence[Image.Image] = (),
         add_generation_prompt: bool = False,
+        regions: Sequence[Sequence[float]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Render one sample.
 
@@ -156,6 +168,7 @@ class RiceMllmProcessor:
             messages: [{"role": "system"|"user"|"assistant", "content": str}], `<image>` marking each image.
             images: PIL images in placeholder order.
             add_generation_prompt: end with an open assistant turn (inference).
+            regions: pixel boxes of the `<region>` placeholders (see `encode`); None: text as it is.
 
         Returns:
             input_ids, labels, attention_mask: [T] long; pixel_values: [tiles, 3, S, S] float32 (tiles = sum of
@@ -163,7 +176,7 @@ class RiceMllmProcessor:
             batch_num_images: [1] long.
         """
         sizes = [(image.height, image.width) for image in images]
-        sample = self.encode(messages, sizes, add_generation_prompt)
+        sample = self.encode(messages, sizes, add_generation_prompt, regions)
         self.check_length(len(sample["input_ids"]))
         sample.update(self.image_processor(images))
         return sample
