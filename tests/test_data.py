@@ -25,6 +25,7 @@ from rice_mllm.data.sources import (
     open_images,
 )
 from rice_mllm.mllm.anyres import AnyresGeometry, make_grid_pinpoints
+from rice_mllm.mllm.boxes import RegionError
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 from rice_mllm.mllm.processing import ImagePlaceholderError, RiceMllmProcessor, add_image_token
 
@@ -100,6 +101,10 @@ def test_json_and_jsonl_records(tmp_path):
         ({"image": "a.png"}, r"record 1: 'conversations' must be a non-empty list"),
         ({"conversations": [turn("human", 3)]}, r"record 1: conversations\[0\]\.value must be a string"),
         ({"image": 5, "conversations": [turn("human", "x")]}, r"record 1: 'image' must be a path"),
+        ({"regions": {"a": 1}, "conversations": [turn("human", "x")]}, r"record 1: 'regions' must be a list of \["),
+        ({"regions": [[0, 0, 1, 1], [0, 0, 1]], "conversations": [turn("human", "x")]}, r"record 1: regions\[1\] must"),
+        ({"regions": [[0, 0, 1, "1"]], "conversations": [turn("human", "x")]}, r"record 1: regions\[0\] must be 4"),
+        ({"regions": [[0, 0, 1, True]], "conversations": [turn("human", "x")]}, r"record 1: regions\[0\] must be 4"),
     ],
 )
 def test_schema_errors_name_file_record_and_field(tmp_path, record, message):
@@ -118,15 +123,21 @@ def test_bad_json_line_is_named(tmp_path):
 def test_hf_dataset_source_matches_json_source(tmp_path):
     save_png(tmp_path / "a.png")
     records = [
-        {"id": "1", "image": "a.png", "conversations": [turn("human", "<image>what?"), turn("gpt", "a box")]},
+        {
+            "id": "1",
+            "image": "a.png",
+            "regions": [[0, 0, 20, 10]],
+            "conversations": [turn("human", "<image>what is at <region>?"), turn("gpt", "a box")],
+        },
         {"id": "2", "image": "a.png", "conversations": [turn("human", "<image>colour?"), turn("gpt", "red")]},
     ]
     (tmp_path / "data.json").write_text(json.dumps(records))
     from_json = load_conversations(tmp_path / "data.json")
     from_hf = conversations_from_dataset(datasets.Dataset.from_list(records), image_root=tmp_path, name="hf")
-    assert [(c.messages, c.images, c.metadata) for c in from_hf] == [
-        (c.messages, c.images, c.metadata) for c in from_json
+    assert [(c.messages, c.images, c.metadata, c.regions) for c in from_hf] == [
+        (c.messages, c.images, c.metadata, c.regions) for c in from_json
     ]
+    assert from_hf[0].regions == [[0, 0, 20, 10]] and from_hf[1].regions == []  # a null cell is no regions
     decoded = datasets.Dataset.from_dict(
         {"image": [str(tmp_path / "a.png")], "conversations": [records[0]["conversations"]]}
     ).cast_column("image", datasets.Image())
@@ -277,3 +288,100 @@ def test_data_check_reads_saved_hf_datasets(tmp_path, capsys, processor):
     out = capsys.readouterr().out
     assert f"{tmp_path / 'hf'} record 1: bad record:" in out and "conversations[0].from is 'bot'" in out
     assert "checked 2 records with 1 images: 1 problem(s)" in out
+
+
+def test_regions_are_carried_and_rendered_as_box_text_of_their_image(tmp_path, processor):
+    save_png(tmp_path / "a.png", size=(40, 30))  # PIL sizes are (width, height)
+    save_png(tmp_path / "b.png", size=(100, 50))
+    record = {
+        "id": "r",
+        "image": ["a.png", "b.png"],
+        "regions": [[4, 3, 20, 15], [50, 0, 100, 50]],
+        "conversations": [
+            turn("human", "<image>\nWhat is at <region>?"),
+            turn("gpt", "red"),
+            turn("human", "<image>\nWhere is the square?"),
+            turn("gpt", "<region>"),
+        ],
+    }
+    write_jsonl(tmp_path / "r.jsonl", [record])
+    (conversation,) = load_conversations(tmp_path / "r.jsonl")
+    assert conversation.regions == record["regions"] and conversation.metadata == {"id": "r"}
+    by_hand = [dict(message) for message in conversation.messages]
+    by_hand[0]["content"] = "<image>\nWhat is at <|box_start|>(100,100),(500,500)<|box_end|>?"  # a.png: 40 x 30
+    by_hand[3]["content"] = "<|box_start|>(500,0),(1000,1000)<|box_end|>"  # b.png: 100 x 50
+    expected = processor(by_hand, open_images(conversation))
+    dataset = ConversationDataset([conversation], processor)
+    sample = dataset[0]
+    assert sample.keys() == expected.keys() and all(torch.equal(sample[key], expected[key]) for key in expected)
+    assert dataset.lengths() == [len(expected["input_ids"])]
+    supervised = sample["labels"][sample["labels"] != IGNORE_INDEX]
+    assert (
+        processor.tokenizer.decode(supervised) == "red<|im_end|><|box_start|>(500,0),(1000,1000)<|box_end|><|im_end|>"
+    )
+    box_start = processor.tokenizer.convert_tokens_to_ids("<|box_start|>")
+    assert int((sample["input_ids"] == box_start).sum()) == 2  # Qwen2.5's own token, one id per box
+
+
+BAD_REGIONS = [  # (regions, the human turn, the error after "file record 1: "); a.png is 40 x 30 pixels
+    ([[0, 0, 5, 5]], "<image>\n<region> and <region>", r"wrong count: 2 <region> placeholder\(s\) but 1 region\(s\)"),
+    ([[0, 0, 5, 5], [0, 0, 5, 5]], "<image>\n<region>", r"wrong count: 1 <region> placeholder\(s\) but 2 region"),
+    (
+        [[0, 0, 5, 5], [9, 0, 9, 5]],
+        "<image>\n<region> and <region>",
+        r"region 1 \(on image 0\): box \[9, 0, 9, 5\] is empty",
+    ),
+    (
+        [[0, 0, 5, 5], [0, 5, 9, 2]],
+        "<image>\n<region> and <region>",
+        r"region 1 \(on image 0\): box \[0, 5, 9, 2\] is empty",
+    ),
+    ([[0, -1, 5, 5]], "<image>\n<region>", r"region 0 \(on image 0\): box \[0, -1, 5, 5\] is outside the 40x30"),
+    (
+        [[0, 0, 5, 5], [0, 0, 41, 5]],
+        "<image>\n<region>, <region>",
+        r"region 1 \(on image 0\): box .* is outside the 40x30",
+    ),
+    (
+        [[0, 0, 5, 5], [0, 0, 5, 31]],
+        "<image>\n<region>, <region>",
+        r"region 1 \(on image 0\): box .* is outside the 40x30",
+    ),
+    ([[0, 0, 5, 5]], "<region> <image>", r"region 0: its <region> comes before any <image>"),
+]
+
+
+@pytest.mark.parametrize("regions, question, message", BAD_REGIONS)
+def test_bad_regions_raise_naming_file_record_and_region(tmp_path, processor, regions, question, message):
+    save_png(tmp_path / "a.png")
+    good = {"image": "a.png", "regions": [[0, 0, 40, 30]], "conversations": [turn("human", "<image><region>")]}
+    bad = {"image": "a.png", "regions": regions, "conversations": [turn("human", question), turn("gpt", "x")]}
+    write_jsonl(tmp_path / "d.jsonl", [good, bad])
+    dataset = ConversationDataset(load_conversations(tmp_path / "d.jsonl"), processor)
+    dataset[0]
+    with pytest.raises(RegionError, match=f"d.jsonl record 1: {message}"):
+        dataset[1]
+    with pytest.raises(RegionError, match=f"d.jsonl record 1: {message}"):
+        dataset.lengths()
+
+
+def test_data_check_reports_each_bad_region_and_goes_on(tmp_path, capsys):
+    save_png(tmp_path / "a.png")
+    good = {"image": "a.png", "regions": [[0, 0, 40, 30]], "conversations": [turn("human", "<image><region>")]}
+    good["conversations"].append(turn("gpt", "all of it"))
+    bad = [
+        {"image": "a.png", "regions": regions, "conversations": [turn("human", question), turn("gpt", "x")]}
+        for regions, question, _ in BAD_REGIONS
+    ]
+    shapeless = {"image": "a.png", "regions": [[0, 0, 5]], "conversations": [turn("human", "<image><region>")]}
+    path = tmp_path / "regions.json"
+    path.write_text(json.dumps([good, *bad, shapeless, good]))
+    assert main(["check", str(path), "--tokenizer", QWEN_DIR, *GEOMETRY_FLAGS]) == 1
+    out = capsys.readouterr().out
+    for index, (_, _, message) in enumerate(BAD_REGIONS, start=1):
+        assert re.search(f"{re.escape(str(path))} record {index}: bad region: {message}", out), (index, out)
+    last = len(BAD_REGIONS) + 1
+    assert f"{path} record {last}: bad record: {path} record {last}: regions[0] must be 4 numbers" in out
+    assert not any(f"record {i}:" in out for i in (0, last + 1))
+    n = len(BAD_REGIONS)
+    assert f"checked {n + 3} records with {n + 2} images: {n + 1} problem(s)" in out and f"bad region: {n}" in out

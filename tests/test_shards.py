@@ -82,6 +82,26 @@ def test_conversation_shards_give_the_records_and_samples_of_their_json(tmp_path
     assert loaded[2]["image"][1].size == (40, 60) and loaded[1]["question_type"] == "chat"
 
 
+def test_conversation_shards_keep_regions(tmp_path, processor):
+    save_png(tmp_path / "a.png", size=(90, 30))
+    grounded = [turn("human", "<image>\nWhere is the box?"), turn("gpt", "<region>")]
+    records = [
+        {"id": "0", "image": "a.png", "regions": [[0, 0, 90, 30]], "conversations": grounded},
+        {"id": "1", "conversations": [turn("human", "hello"), turn("gpt", "hi")]},
+        {"id": "2", "image": "a.png", "regions": [[4.5, 3, 60, 29.5]], "conversations": grounded},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    assert data_main(["to-shards", str(tmp_path / "data.json"), "--out", str(tmp_path / "shards")]) == 0
+    from_json, from_shards = load_conversations(tmp_path / "data.json"), ConversationShards(tmp_path / "shards")
+    assert [c.regions for c in from_shards] == [c.regions for c in from_json] == [r.get("regions", []) for r in records]
+    assert [c.metadata for c in from_shards] == [{"id": "0"}, {"id": "1"}, {"id": "2"}]
+    json_set, shard_set = ConversationDataset(from_json, processor), ConversationDataset(from_shards, processor)
+    for i in range(len(records)):
+        assert torch.equal(json_set[i]["input_ids"], shard_set[i]["input_ids"])
+    box_start = processor.tokenizer.convert_tokens_to_ids("<|box_start|>")
+    assert (shard_set[2]["input_ids"] == box_start).any()
+
+
 def test_llava_onevision_layout_one_image_struct_or_bytes_per_row(tmp_path, processor):
     """The layout of lmms-lab/LLaVA-OneVision-Data: `image` one Image struct per row (null: text only)."""
     png = save_png(tmp_path / "imgs" / "a.png", size=(90, 30))

@@ -1,5 +1,7 @@
 """Conversations in Parquet shards, LLaVA-OneVision's public layout: `image` (a {"bytes", "path"} struct, a list of
-them, or plain bytes), `conversations` [{"from", "value"}], other columns (e.g. `id`) kept as metadata.
+them, or plain bytes), `conversations` [{"from", "value"}], optional `regions` (a list<list<number>> column of pixel
+boxes, null: none), other columns (e.g. `id`) kept as metadata. Columns beside image and conversations are written as
+the records hold them, their types inferred over all records.
 
 Rows read lazily through data/shards.py, images decoded from their bytes per sample (never unpacked to files).
 Invariant: shards written from a LLaVA file give the Conversations of that file (images as bytes instead of paths).

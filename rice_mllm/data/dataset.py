@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from rice_mllm.data.sources import Conversation, image_size, open_images
+from rice_mllm.mllm.boxes import RegionError
 from rice_mllm.mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError
 
 
@@ -33,8 +34,8 @@ class ConversationDataset(Dataset):
         conversation = self.conversations[index]
         images = open_images(conversation)  # its errors already name the record
         try:
-            return self.processor(conversation.messages, images)
-        except (ImagePlaceholderError, SampleTooLongError) as error:
+            return self.processor(conversation.messages, images, regions=conversation.regions)
+        except (ImagePlaceholderError, RegionError, SampleTooLongError) as error:
             raise type(error)(f"{conversation.location}: {error}") from error
 
     def lengths(self) -> list[int]:
@@ -44,9 +45,10 @@ class ConversationDataset(Dataset):
             where = conversation.location
             sizes = [image_size(image, f"{where}: image {i}") for i, image in enumerate(conversation.images)]
             try:
-                lengths.append(len(self.processor.encode(conversation.messages, sizes)["input_ids"]))
-            except ImagePlaceholderError as error:
-                raise ImagePlaceholderError(f"{where}: {error}") from error
+                sample = self.processor.encode(conversation.messages, sizes, regions=conversation.regions)
+            except (ImagePlaceholderError, RegionError) as error:
+                raise type(error)(f"{where}: {error}") from error
+            lengths.append(len(sample["input_ids"]))
         return lengths
 
 

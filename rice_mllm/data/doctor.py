@@ -1,7 +1,8 @@
 """Data doctor: open every image and render every sample; report each bad record by file, index and reason.
 
-Checks: schema, missing / corrupt images, placeholder vs image counts, no supervised token, over-length,
-plus token-length statistics. Invariant: every record is either rendered or listed as a problem.
+Checks: schema, missing / corrupt images, placeholder vs image counts, regions (count, empty or outside their image,
+before any image: "bad region", naming the region), no supervised token, over-length, plus token-length statistics.
+Invariant: every record is either rendered or listed as a problem.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rice_mllm.data.sources import (
 )
 from rice_mllm.mllm.anyres import DEFAULT_MAX_TILES, DEFAULT_MULTI_IMAGE_TILING
 from rice_mllm.mllm.assembly import build_processor
+from rice_mllm.mllm.boxes import RegionError
 from rice_mllm.mllm.chat_template import DEFAULT_TEMPLATE, TEMPLATES
 from rice_mllm.mllm.grid_pinpoints import FORMS as GRID_FORMS
 from rice_mllm.mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError, count_placeholders
@@ -111,7 +113,10 @@ def check_conversation(conversation: Conversation, processor: RiceMllmProcessor,
     if len(sizes) != images:
         return  # token count needs every image's size
     try:
-        sample = processor.encode(conversation.messages, sizes)
+        sample = processor.encode(conversation.messages, sizes, regions=conversation.regions)
+    except RegionError as error:
+        problem("bad region", str(error))
+        return
     except (ImagePlaceholderError, ValueError, TypeError) as error:
         problem("unrenderable", str(error))
         return

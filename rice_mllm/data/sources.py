@@ -2,6 +2,8 @@
 
 LLaVA schema: {"id", "image": str | [str], "conversations": [{"from": "human"|"gpt"|"system", "value"}], ...};
 image paths are relative to the data file's folder (Parquet shards hold encoded bytes instead: data/shards.py).
+Optional "regions": [[x0, y0, x1, y1], ...] pixel boxes, one `<region>` placeholder per box in the turns (mllm/boxes.py
+says which image each refers to); only their shape is checked here, the rest where the images' sizes are known.
 Invariant: every error names the file, record (or shard row) and field.
 """
 
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from PIL import Image
+
+from rice_mllm.mllm.boxes import RegionError, fill_regions, is_box
 
 T = TypeVar("T")
 
@@ -60,6 +64,7 @@ class Conversation:
         index: 0-based record index in the source.
         metadata: every other field of the record (e.g. "id", "question_type").
         unit: what `index` counts in errors: "record", or "row" of a Parquet shard.
+        regions: pixel boxes [x0, y0, x1, y1] of the `<region>` placeholders, in order (the processor's `regions`).
     """
 
     messages: list[dict[str, str]]
@@ -68,6 +73,7 @@ class Conversation:
     index: int
     metadata: dict[str, Any] = field(default_factory=dict)
     unit: str = "record"
+    regions: list[list[float]] = field(default_factory=list)
 
     @property
     def location(self) -> str:
@@ -106,8 +112,23 @@ def parse_record(record: Any, source: str, index: int, image_root: Path | None, 
     if not isinstance(images, list) or not all(isinstance(image, kinds) for image in images):
         raise DataFormatError(f"{where}: 'image' must be a path, a list of paths or absent, got {images!r:.80}")
     resolved = [_resolve(image, image_root) if isinstance(image, str) else image for image in images]
-    metadata = {key: value for key, value in record.items() if key not in ("conversations", "image")}
-    return Conversation(messages, resolved, source, index, metadata, unit)
+    regions = _parse_regions(record.get("regions"), where)
+    metadata = {key: value for key, value in record.items() if key not in ("conversations", "image", "regions")}
+    return Conversation(messages, resolved, source, index, metadata, unit, regions)
+
+
+def _parse_regions(regions: Any, where: str) -> list[list[float]]:
+    """A record's "regions" (absent or null: none) as lists, refused by name unless a list of 4-number lists."""
+    if regions is None:
+        return []
+    if not isinstance(regions, list):
+        raise DataFormatError(f"{where}: 'regions' must be a list of [x0, y0, x1, y1] pixel boxes, got {regions!r:.80}")
+    for region_index, box in enumerate(regions):
+        if not is_box(box):
+            raise DataFormatError(
+                f"{where}: regions[{region_index}] must be 4 numbers [x0, y0, x1, y1], got {box!r:.80}"
+            )
+    return [list(box) for box in regions]
 
 
 def _resolve(path: str, image_root: Path | None) -> Path:
@@ -212,6 +233,21 @@ def open_image(image: ImageSource, where: str) -> Image.Image:
 def image_size(image: ImageSource, where: str) -> tuple[int, int]:
     """(height, width) of one image from its header alone (no decode); errors as `open_image`'s."""
     return _read_image(image, where, lambda handle: (handle.height, handle.width), "read its header")
+
+
+def region_messages(conversation: Conversation) -> list[dict[str, str]]:
+    """The record's messages with each `<region>` replaced by its box text, measured on the images' headers.
+
+    For code that hands the processor images other than the record's own (eval's blank images): the box texts stay
+    those of the original images. Raises RegionError naming the record and region.
+    """
+    where = conversation.location
+    images = conversation.images if conversation.regions else []  # headers are read only when there are boxes
+    sizes = [image_size(image, f"{where}: image {index}") for index, image in enumerate(images)]
+    try:
+        return fill_regions(conversation.messages, conversation.regions, sizes)
+    except RegionError as error:
+        raise RegionError(f"{where}: {error}") from None
 
 
 def open_images(conversation: Conversation) -> list[Image.Image]:
