@@ -1,6 +1,9 @@
-"""`python -m rice_mllm.eval`: exact-match accuracy of a kit checkpoint on a LLaVA-format file, overall and per type.
+"""`python -m rice_mllm.eval`: accuracy of a kit checkpoint on a LLaVA-format file, overall and per type.
 
 Each record's last assistant turn is the reference; the turns before it, gold answers included, are the prompt.
+A reference holding a box (mllm/boxes.py) is scored by IoU: correct when the prediction holds a box whose IoU with the
+reference's first box is >= 0.5 (normalised coordinates); every other reference by exact match. Records' `<region>`
+placeholders become box texts measured on their own images, so `--blank-images` leaves the text as it was.
 Invariant: every record is scored exactly once (a record that cannot be scored raises, naming it).
 """
 
@@ -18,14 +21,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint_layout import CheckpointFormatError
-from .data.sources import Conversation, DataFormatError, ImageLoadError, load_conversations, open_images
+from .data.sources import (
+    Conversation,
+    DataFormatError,
+    ImageLoadError,
+    load_conversations,
+    open_images,
+    region_messages,
+)
 from .inference import answer_batch, load_for_inference, quiet_transformers
 from .loading import CheckpointMismatchError
+from .mllm.boxes import RegionError, box_iou, parse_boxes
 from .mllm.processing import ImagePlaceholderError, RiceMllmProcessor, SampleTooLongError
 
 ALL_TYPES = "all"  # question_type of records that have none
 # Characters stripped from both ends before comparing: ASCII punctuation and whitespace ("Red." == "red").
 STRIP = string.punctuation + string.whitespace
+IOU_THRESHOLD = 0.5  # a predicted box counts at IoU >= 0.5 with the reference's (the usual grounding bar)
 
 
 class EvalRecordError(ValueError):
@@ -42,6 +54,16 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
+def score_answer(prediction: str, reference: str) -> dict:
+    """{"metric", "iou", "correct"} of one answer: "iou" when the reference holds a box (iou: the best of the
+    prediction's boxes against the reference's first, 0.0 when it has none), else "exact" (iou None)."""
+    reference_boxes = parse_boxes(reference)
+    if not reference_boxes:
+        return {"metric": "exact", "iou": None, "correct": exact_match(prediction, reference)}
+    iou = max((box_iou(box, reference_boxes[0]) for box in parse_boxes(prediction)), default=0.0)
+    return {"metric": "iou", "iou": iou, "correct": iou >= IOU_THRESHOLD}
+
+
 @dataclass(frozen=True)
 class EvalItem:
     """One question: the conversation up to the reference answer, and that answer."""
@@ -55,8 +77,12 @@ class EvalItem:
 
 
 def eval_item(conversation: Conversation) -> EvalItem:
-    """Split a record into prompt messages and its reference (the last turn, which must be the assistant's)."""
-    messages = conversation.messages
+    """Split a record into prompt messages and its reference (the last turn, which must be the assistant's), their
+    `<region>` placeholders replaced by box texts (read from the image headers)."""
+    try:
+        messages = region_messages(conversation)
+    except RegionError as error:
+        raise EvalRecordError(str(error)) from None
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         roles = [message["role"] for message in messages]
         raise EvalRecordError(f"{conversation.location}: the last turn must be an assistant answer, roles are {roles}")
@@ -83,11 +109,11 @@ def blank_image(processor: RiceMllmProcessor) -> Image.Image:
 
 
 def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict:
-    """Exact-match report.
+    """Accuracy report, each answer scored by `score_answer`.
 
     Returns:
         {"overall": {"count", "correct", "accuracy"}, "per_type": {type: same}, "predictions": [per item: "index",
-        "id", "question_type", "reference", "prediction", "correct"]}; types sorted by name.
+        "id", "question_type", "reference", "prediction", "metric", "iou", "correct"]}; types sorted by name.
     """
     if len(items) != len(predictions):
         raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
@@ -98,7 +124,7 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict:
             "question_type": item.question_type,
             "reference": item.reference,
             "prediction": prediction,
-            "correct": exact_match(prediction, item.reference),
+            **score_answer(prediction, item.reference),
         }
         for item, prediction in zip(items, predictions, strict=True)
     ]

@@ -11,6 +11,7 @@ from rice_mllm.data.sources import Conversation, load_conversations
 from rice_mllm.data.synthetic import generate
 from rice_mllm.eval import EvalRecordError, eval_item, exact_match, main, normalize_answer, predict, score
 from rice_mllm.inference import load_for_inference
+from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
 from tests.fixtures import reference_reply, save_tiny_kit
@@ -155,3 +156,71 @@ def test_blank_images_remove_what_the_images_show_and_their_size(world, tmp_path
 
     assert answers(items, blank=False) != answers(shifted, blank=False)  # the images do change the answers
     assert answers(items, blank=True) == answers(shifted, blank=True)
+
+
+def _box(x0, y0, x1, y1):
+    return f"<|box_start|>({x0},{y0}),({x1},{y1})<|box_end|>"
+
+
+def test_box_references_are_scored_by_iou_around_the_bar():
+    """Reference (0,0)-(100,100): a prediction (0,0)-(100,h) has IoU h/100."""
+    reference = _box(0, 0, 100, 100)
+    cases = [  # (reference, prediction, metric, iou, correct)
+        (reference, _box(0, 0, 100, 49), "iou", 0.49, False),
+        (reference, _box(0, 0, 100, 51), "iou", 0.51, True),
+        (reference, _box(0, 0, 100, 50), "iou", 0.5, True),  # the bar itself counts
+        (
+            "It is at " + reference + ".",
+            f"first {_box(500, 500, 600, 600)}, then {_box(0, 0, 100, 100)}",
+            "iou",
+            1.0,
+            True,
+        ),
+        (reference, "(0,0),(100,100)", "iou", 0.0, False),  # no box in the prediction
+        (
+            reference + _box(500, 500, 600, 600),
+            _box(500, 500, 600, 600),
+            "iou",
+            0.0,
+            False,
+        ),  # the reference's FIRST box
+        ("red", "Red.", "exact", None, True),
+        ("red", _box(0, 0, 100, 100), "exact", None, False),
+    ]
+    items = [
+        _record(i, "grounding" if metric == "iou" else "colour", ref) for i, (ref, _, metric, _, _) in enumerate(cases)
+    ]
+    report = score(items, [prediction for _, prediction, _, _, _ in cases])
+    for row, (_, _, metric, iou, correct) in zip(report["predictions"], cases, strict=True):
+        assert row["metric"] == metric and row["correct"] is correct
+        assert row["iou"] == (None if iou is None else pytest.approx(iou))
+    assert report["per_type"]["grounding"] == {"count": 6, "correct": 3, "accuracy": 0.5}
+    assert report["per_type"]["colour"] == {"count": 2, "correct": 1, "accuracy": 0.5}
+
+
+def _region_file(tmp_path):
+    Image.new("RGB", (80, 40)).save(tmp_path / "a.png")  # width 80, height 40
+    turns = [{"from": "human", "value": "<image>\nWhere is <region>?"}, {"from": "gpt", "value": "<region>"}]
+    records = [
+        {"image": "a.png", "regions": [[20, 0, 40, 40], [0, 0, 80, 40]], "conversations": turns},
+        {"image": "a.png", "regions": [[20, 0, 40, 40], [0, 0, 81, 40]], "conversations": turns},
+    ]
+    (tmp_path / "regions.json").write_text(json.dumps(records))
+    return load_conversations(tmp_path / "regions.json")
+
+
+def test_region_placeholders_become_box_texts_of_the_records_own_images(tmp_path, monkeypatch):
+    good, bad = _region_file(tmp_path)
+    item = eval_item(good)
+    assert item.messages[0]["content"] == "<image>\nWhere is " + _box(250, 0, 500, 1000) + "?"
+    assert item.reference == _box(0, 0, 1000, 1000)
+    with pytest.raises(EvalRecordError, match=r"regions.json record 1: region 1 \(on image 0\): box .* is outside"):
+        eval_item(bad)
+    # --blank-images hands the model a tile-sized blank image; the box text stays that of the 80 x 40 original.
+    prompts = []
+    monkeypatch.setattr(
+        "rice_mllm.eval.answer_batch", lambda model, processor, batch, **kw: prompts.extend(batch) or [""]
+    )
+    predict(None, build_processor(TINY_TOKENIZER, tile_size=28), [item], blank_images=True, progress=False)
+    ((messages, images),) = prompts
+    assert messages == item.messages and [image.size for image in images] == [(28, 28)]
