@@ -1,7 +1,9 @@
 """`python -m rice_mllm.chat`: a streaming multi-turn terminal chat with any kit checkpoint.
 
-Bad input (a missing or corrupt image, an unknown command, an oversized image) costs one line of explanation, never
-the session. Invariant: the streamed text equals the reply `inference.answer` returns for the same conversation.
+Bad input (a missing or corrupt image, an unknown command, an oversized image, a box outside the image) costs one
+line of explanation, never the session. Boxes go in as `/box` pixels of the last image shown and come out in pixels
+of the same image (mllm/boxes.py holds the text format between them). Invariant: the streamed text equals the reply
+`inference.answer` returns for the same conversation, its boxes shown in pixels (`pixel_boxes`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from .inference import (
     template_marker_in,
 )
 from .loading import CheckpointMismatchError
+from .mllm.boxes import BOX_END, BOX_START, REGION_TOKEN, box_text, box_to_pixels, check_box, replace_boxes
 from .mllm.processing import SampleTooLongError
 
 DEFAULT_MODEL = Path("outputs/tiny-world/stage2_instruct")  # where `python -m rice_mllm.tiny_world` leaves it
 HOW_TO_TRAIN = "make one with: python -m rice_mllm.tiny_world (or pass --model DIR)"
 PROMPT, REPLY = "you: ", "assistant: "
+MAX_BOX_TEXT = 64  # longest text held back as a box being streamed (a box text is at most 47 characters unspaced)
 HELP = """commands:
   /image PATH [PATH ...]  attach images to your next message (quote paths with spaces)
+  /box X0 Y0 X1 Y1        point at a region (pixels of the last image) in your next message: it replaces a <region>
+                          you type there, else it follows your text
   /reset                  forget the conversation and pending images
   /help                   this text
   /exit                   leave (Ctrl-D works too; Ctrl-C stops a reply)"""
@@ -55,6 +61,61 @@ def read_user_image(path: str) -> Image.Image:
         raise ChatInputError(str(error)) from None
 
 
+def parse_box_argument(argument: str) -> list[float]:
+    """The 4 numbers of `/box X0 Y0 X1 Y1` (commas allowed), or ChatInputError with the usage."""
+    try:
+        box = [float(value) for value in argument.replace(",", " ").split()]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise ChatInputError("usage: /box X0 Y0 X1 Y1 (pixels of the last image)")
+    return [int(value) if value.is_integer() else value for value in box]  # shown in refusals as typed
+
+
+def pixel_boxes(text: str, image_size: tuple[int, int] | None) -> str:
+    """`text` with each box shown as `[box (x0, y0)-(x1, y1) px]` on an image of (height, width); as is without one."""
+    if image_size is None:
+        return text
+    return replace_boxes(text, lambda box: "[box ({}, {})-({}, {}) px]".format(*box_to_pixels(box, image_size)))
+
+
+def _unfinished_box_start(text: str) -> int:
+    """Where a box text that more pieces may complete starts in `text`; len(text) when none can."""
+    start = text.rfind(BOX_START)
+    if start >= 0 and BOX_END not in text[start:] and len(text) - start <= MAX_BOX_TEXT:
+        return start
+    for size in range(min(len(BOX_START) - 1, len(text)), 0, -1):  # a token's text may end mid-marker
+        if BOX_START.startswith(text[-size:]):
+            return len(text) - size
+    return len(text)
+
+
+class PixelBoxPrinter:
+    """Streamed reply pieces -> printable pieces, boxes in pixels (`pixel_boxes`). Text that may be the start of a
+    box is held back until the box is complete or cannot be one, so a box split across pieces prints whole."""
+
+    def __init__(self, image_size: tuple[int, int] | None) -> None:
+        self.image_size, self.held = image_size, ""
+
+    def feed(self, piece: str) -> str:
+        text = self.held + piece
+        cut = _unfinished_box_start(text)
+        self.held = text[cut:]
+        return pixel_boxes(text[:cut], self.image_size)
+
+    def finish(self) -> str:
+        text, self.held = self.held, ""
+        return pixel_boxes(text, self.image_size)
+
+
+def _check_box_on(box: list[float], image_size: tuple[int, int]) -> None:
+    """boxes.check_box, its refusal a ChatInputError."""
+    try:
+        check_box(box, image_size)
+    except ValueError as error:
+        raise ChatInputError(str(error)) from None
+
+
 class StopOnEvent(StoppingCriteria):
     """Stops generation once `event` is set (Ctrl-C in the terminal thread)."""
 
@@ -66,7 +127,8 @@ class StopOnEvent(StoppingCriteria):
 
 
 class ChatSession:
-    """Conversation state: the messages so far, every image they reference, images waiting for the next turn."""
+    """Conversation state: the messages so far, every image they reference, images and pixel boxes waiting for the
+    next turn."""
 
     def __init__(self, model, processor, generation: dict) -> None:
         self.model, self.processor, self.generation = model, processor, generation
@@ -76,16 +138,47 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.images: list[Image.Image] = []
         self.pending: list[Image.Image] = []
+        self.boxes: list[list[float]] = []
 
     def attach(self, image: Image.Image) -> None:
         self.pending.append(image)
+
+    def shown_image_size(self) -> tuple[int, int] | None:
+        """(height, width) of the last image shown (attached or pending): the one boxes are measured on."""
+        shown = [*self.images, *self.pending]
+        return (shown[-1].height, shown[-1].width) if shown else None
+
+    def add_box(self, box: list[float]) -> None:
+        """Point at a region of the last image shown in the next turn; ChatInputError when it has no such region."""
+        size = self.shown_image_size()
+        if size is None:
+            raise ChatInputError("no image to point at: attach one with /image PATH first")
+        _check_box_on(box, size)
+        self.boxes.append(box)
+
+    def _with_boxes(self, text: str) -> str:
+        """`text` with the pending boxes' texts in its `<region>` placeholders, or after it when it has none.
+
+        A box refers to the nearest image before it (boxes.py): in this turn that is the last image shown, so each
+        box is checked again on it (an image attached after `/box` may be smaller)."""
+        placed = text.count(REGION_TOKEN)
+        if placed not in (0, len(self.boxes)):
+            raise ChatInputError(f"the message has {placed} {REGION_TOKEN} but {len(self.boxes)} /box region(s) wait")
+        size = self.shown_image_size()
+        for box in self.boxes:
+            _check_box_on(box, size)
+        texts = [box_text(box, size) for box in self.boxes]
+        if not placed:
+            return " ".join([text, *texts])
+        pieces = text.split(REGION_TOKEN)
+        return pieces[0] + "".join(inserted + piece for inserted, piece in zip(texts, pieces[1:], strict=True))
 
     def next_turn(self, text: str) -> tuple[list[dict[str, str]], list[Image.Image]]:
         """Messages and images of the conversation extended by a user turn: pending images first, one `<image>`
         line each, as the training data has them. Raises ChatInputError for text the template cannot carry."""
         if marker := template_marker_in(text):
             raise ChatInputError(f"messages cannot contain {marker!r}; attach images with /image PATH")
-        content = f"{IMAGE_TOKEN}\n" * len(self.pending) + text
+        content = f"{IMAGE_TOKEN}\n" * len(self.pending) + self._with_boxes(text)
         return [*self.messages, {"role": "user", "content": content}], [*self.images, *self.pending]
 
     def ask(self, text: str, **generate_kwargs) -> str:
@@ -96,13 +189,14 @@ class ChatSession:
         except SampleTooLongError as error:
             raise ChatInputError(f"{error}; /reset or send fewer images") from None
         self.messages = [*messages, {"role": "assistant", "content": reply}]
-        self.images, self.pending = images, []
+        self.images, self.pending, self.boxes = images, [], []
         return reply
 
 
 def stream_reply(session: ChatSession, text: str) -> None:
     """Print the reply piece by piece as it is generated; Ctrl-C stops it (the partial reply is kept)."""
-    session.next_turn(text)  # refuse bad text before the reply header is printed
+    _, images = session.next_turn(text)  # refuse bad text before the reply header is printed
+    printer = PixelBoxPrinter((images[-1].height, images[-1].width) if images else None)
     print(REPLY, end="", flush=True)
     streamer = ReplyStreamer(session.processor.tokenizer)
     stop = threading.Event()
@@ -119,12 +213,12 @@ def stream_reply(session: ChatSession, text: str) -> None:
     worker.start()
     try:
         for piece in streamer:
-            print(piece, end="", flush=True)
+            print(printer.feed(piece), end="", flush=True)
     except KeyboardInterrupt:
         stop.set()
-        print(" [stopped]", end="")
+        print(printer.finish() + " [stopped]", end="")
     worker.join()
-    print()
+    print(printer.finish())
     if errors:
         raise errors[0]
 
@@ -156,6 +250,9 @@ def handle_line(session: ChatSession, line: str) -> bool:
         for image in images:
             session.attach(image)
         print(f"(images attached to your next message: {len(session.pending)})")
+    elif command == "/box":
+        session.add_box(parse_box_argument(argument))
+        print(f"(regions for your next message: {len(session.boxes)})")
     else:
         raise ChatInputError(f"unknown command {command}; /help lists the commands")
     return True
@@ -230,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         repl(session, f"rice_mllm chat: {model_dir} on {model.device} ({model.vision_tower.dtype}{quantised})")
         return 0
     try:
-        print(session.ask(args.prompt))
+        reply = session.ask(args.prompt)
     except ChatInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    print(pixel_boxes(reply, session.shown_image_size()))
     return 0
 
 

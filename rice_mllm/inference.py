@@ -26,6 +26,7 @@ from .checkpoint_layout import (
 )
 from .constants import IMAGE_TOKEN
 from .data.collate import PaddingCollator
+from .mllm.boxes import BOX_END, BOX_START
 from .mllm.chat_template import IM_END, IM_START
 from .mllm.modeling import RiceMllmForConditionalGeneration
 from .mllm.processing import RiceMllmProcessor
@@ -42,6 +43,8 @@ CPU_4BIT_BLOCK = (32, 64)
 MAX_IMAGE_PIXELS = 64_000_000  # beyond this a decompression bomb is likelier than a photo
 # Text a user turn cannot carry: the template would read it as an image placeholder or a turn boundary.
 TEMPLATE_MARKERS = (IMAGE_TOKEN, IM_START, IM_END)
+# Special tokens a reply keeps: Qwen2.5's tokenizer marks its box tokens special, and eval and chat read boxes in text.
+KEPT_SPECIAL_TOKENS = (BOX_START, BOX_END)
 
 
 class ImageReadError(ValueError):
@@ -258,8 +261,16 @@ def answer_batch(
 
 
 def decode_reply(tokenizer, tokens: Sequence[int]) -> str:
-    """A reply's text: special tokens removed, surrounding whitespace stripped."""
-    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    """A reply's text: special tokens removed but KEPT_SPECIAL_TOKENS, surrounding whitespace stripped."""
+    added = tokenizer.added_tokens_encoder
+    kept = {added[token]: token for token in KEPT_SPECIAL_TOKENS if token in added}
+    pieces, start = [], 0
+    for position, token in enumerate(tokens):
+        if token in kept:  # the text between kept tokens decodes as before; the kept token is written as it is
+            pieces += [tokenizer.decode(tokens[start:position], skip_special_tokens=True), kept[token]]
+            start = position + 1
+    pieces.append(tokenizer.decode(tokens[start:], skip_special_tokens=True))
+    return "".join(pieces).strip()
 
 
 class ReplyDecoder:

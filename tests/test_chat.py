@@ -8,16 +8,21 @@ import subprocess
 import sys
 import time
 import zlib
+from types import SimpleNamespace
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from PIL import Image
+from transformers import AutoTokenizer
 
-from rice_mllm.chat import ReplyStreamer, main
-from rice_mllm.inference import load_for_inference, prepare_inputs
+from rice_mllm.chat import PixelBoxPrinter, ReplyStreamer, main, pixel_boxes, stream_reply
+from rice_mllm.inference import decode_reply, load_for_inference, prepare_inputs
+from rice_mllm.mllm.assembly import TINY_TOKENIZER
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
 from tests.fixtures import REPO_ROOT, noise_image, reference_reply, save_tiny_kit
+from tests.test_data import QWEN_DIR
 
 MAX_NEW_TOKENS = 6
 
@@ -128,6 +133,98 @@ def test_interactive_session_streams_generate_replies_and_survives_bad_input(kit
     finally:
         status = terminal.close()
     assert status == 0
+
+
+def test_box_command_points_at_a_region_of_the_last_image(kit):
+    """a.png is 60 x 40 pixels (width x height): /box 6 4 30 20 is (100,100),(500,500) in normalised coordinates."""
+    checkpoint, images, model, processor = kit
+    a = noise_image(40, 60, 1)
+    first = [{"role": "user", "content": "<image>\nWhat is at <|box_start|>(100,100),(500,500)<|box_end|>?"}]
+    reply_1 = reference_reply(model, processor, first, [a], MAX_NEW_TOKENS)
+    second = [*first, {"role": "assistant", "content": reply_1}]
+    second.append({"role": "user", "content": "And here? <|box_start|>(0,0),(1000,1000)<|box_end|>"})
+    reply_2 = reference_reply(model, processor, second, [a], MAX_NEW_TOKENS)
+    # Preconditions: the box text changes the reply, so a box left out or misplaced would show.
+    other = [{"role": "user", "content": "<image>\nWhat is at <|box_start|>(0,0),(1000,1000)<|box_end|>?"}]
+    assert reply_1 != reference_reply(model, processor, other, [a], MAX_NEW_TOKENS)
+
+    argv = [sys.executable, "-m", "rice_mllm.chat", "--model", str(checkpoint), "--max-new-tokens", "6"]
+    terminal = Terminal(argv, cwd=images)
+    try:
+        terminal.read_until("you: ")
+        assert "no image to point at" in _one_line(terminal.exchange("/box 1 2 3 4"), "! ")
+        _one_line(terminal.exchange("/image a.png"), "(images attached")
+        assert "usage: /box X0 Y0 X1 Y1" in _one_line(terminal.exchange("/box 1 2 3"), "! ")
+        assert "box [30, 10, 10, 20] is empty" in _one_line(terminal.exchange("/box 30 10 10 20"), "! ")
+        assert "box [10, 5, 70, 30] is outside the 60x40" in _one_line(terminal.exchange("/box 10 5 70 30"), "! ")
+        refused = _one_line(terminal.exchange("What is at <region>?"), "! ")
+        assert "the message has 1 <region> but 0 /box region(s)" in refused
+        assert _one_line(terminal.exchange("/box 6 4 30 20"), "(regions for your next message: 1)")
+        assert _reply(terminal.exchange("What is at <region>?")) == reply_1
+        assert _one_line(terminal.exchange("/box 0,0,60,40"), "(regions for your next message: 1)")  # cleared
+        assert _reply(terminal.exchange("And here?")) == reply_2
+        os.write(terminal.master, b"/exit\n")
+    finally:
+        status = terminal.close()
+    assert status == 0
+
+
+REPLY_WITH_BOXES = (
+    "It is <|box_start|>(100,100),(500,500)<|box_end|>, not <|box_start|>( 0, 0),(1000,1000)<|box_end|> <|box_st"
+)
+PRINTED = "It is [box (64, 48)-(320, 240) px], not [box (0, 0)-(640, 480) px] <|box_st"  # on a 640 x 480 image
+
+
+def test_boxes_split_anywhere_across_streamed_pieces_print_whole_in_pixels():
+    assert pixel_boxes(REPLY_WITH_BOXES, (480, 640)) == PRINTED
+    assert pixel_boxes(REPLY_WITH_BOXES, None) == REPLY_WITH_BOXES  # no image: nothing to measure in
+    text = REPLY_WITH_BOXES
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            printer = PixelBoxPrinter((480, 640))
+            printed = [printer.feed(piece) for piece in (text[:i], text[i:j], text[j:])]
+            assert "".join(printed) + printer.finish() == PRINTED, (i, j)
+            assert not any("<|" in piece for piece in printed), (i, j)  # nothing of a box shows before it is whole
+    unfinished = "<|box_start|>(1,2" + " and no end" * 10
+    assert PixelBoxPrinter((480, 640)).feed(unfinished) == unfinished  # a long unclosed box is not held forever
+
+
+class _ScriptedSession:
+    """What stream_reply uses of a ChatSession: one image in the turn, and a reply generated token by token."""
+
+    def __init__(self, tokenizer, reply: str, image: Image.Image) -> None:
+        self.processor = SimpleNamespace(tokenizer=tokenizer)
+        self.tokens = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        self.image = image
+
+    def next_turn(self, text):
+        return [{"role": "user", "content": text}], [self.image]
+
+    def ask(self, text, streamer, stopping_criteria):
+        streamer.put(torch.zeros(1, 0, dtype=torch.long))  # the prompt, which generate pushes first
+        for token in self.tokens:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+
+
+@pytest.mark.parametrize("tokenizer_dir", [QWEN_DIR, TINY_TOKENIZER])
+def test_streamed_reply_prints_its_boxes_in_pixels_of_the_last_image(tokenizer_dir, capsys):
+    """Qwen2.5's tokenizer has one special token per box marker; the tiny one spells them out in many tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    reply = "The cat is at <|box_start|>(100,100),(500,500)<|box_end|>."
+    session = _ScriptedSession(tokenizer, reply, Image.new("RGB", (640, 480)))
+    stream_reply(session, "Where is the cat?")
+    assert capsys.readouterr().out == "assistant: The cat is at [box (64, 48)-(320, 240) px].\n"
+
+
+def test_replies_keep_qwen_box_tokens_and_drop_other_special_tokens():
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_DIR)
+    box = "<|box_start|>(1,2),(3,4)<|box_end|>"
+    tokens = tokenizer(f"<|object_ref_start|>a cat<|object_ref_end|> at {box}<|im_end|>")["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<|box_start|>") in tokens
+    assert decode_reply(tokenizer, tokens) == f"a cat at {box}"
+    plain = tokenizer("  héllo 世界 <|im_end|>")["input_ids"]
+    assert decode_reply(tokenizer, plain) == tokenizer.decode(plain, skip_special_tokens=True).strip() == "héllo 世界"
 
 
 def test_prompt_mode_prints_only_the_answer(kit, capsys):
