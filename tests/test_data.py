@@ -323,30 +323,15 @@ def test_regions_are_carried_and_rendered_as_box_text_of_their_image(tmp_path, p
     assert int((sample["input_ids"] == box_start).sum()) == 2  # Qwen2.5's own token, one id per box
 
 
+ONE, TWO = "<image>\n<region>", "<image>\n<region> and <region>"  # human turns with one and two regions
 BAD_REGIONS = [  # (regions, the human turn, the error after "file record 1: "); a.png is 40 x 30 pixels
-    ([[0, 0, 5, 5]], "<image>\n<region> and <region>", r"wrong count: 2 <region> placeholder\(s\) but 1 region\(s\)"),
-    ([[0, 0, 5, 5], [0, 0, 5, 5]], "<image>\n<region>", r"wrong count: 1 <region> placeholder\(s\) but 2 region"),
-    (
-        [[0, 0, 5, 5], [9, 0, 9, 5]],
-        "<image>\n<region> and <region>",
-        r"region 1 \(on image 0\): box \[9, 0, 9, 5\] is empty",
-    ),
-    (
-        [[0, 0, 5, 5], [0, 5, 9, 2]],
-        "<image>\n<region> and <region>",
-        r"region 1 \(on image 0\): box \[0, 5, 9, 2\] is empty",
-    ),
-    ([[0, -1, 5, 5]], "<image>\n<region>", r"region 0 \(on image 0\): box \[0, -1, 5, 5\] is outside the 40x30"),
-    (
-        [[0, 0, 5, 5], [0, 0, 41, 5]],
-        "<image>\n<region>, <region>",
-        r"region 1 \(on image 0\): box .* is outside the 40x30",
-    ),
-    (
-        [[0, 0, 5, 5], [0, 0, 5, 31]],
-        "<image>\n<region>, <region>",
-        r"region 1 \(on image 0\): box .* is outside the 40x30",
-    ),
+    ([[0, 0, 5, 5]], TWO, r"wrong count: 2 <region> placeholder\(s\) but 1 region\(s\)"),
+    ([[0, 0, 5, 5], [0, 0, 5, 5]], ONE, r"wrong count: 1 <region> placeholder\(s\) but 2 region\(s\)"),
+    ([[0, 0, 5, 5], [9, 0, 9, 5]], TWO, r"region 1 \(on image 0\): box \[9, 0, 9, 5\] is empty"),
+    ([[0, 0, 5, 5], [0, 5, 9, 2]], TWO, r"region 1 \(on image 0\): box \[0, 5, 9, 2\] is empty"),
+    ([[0, -1, 5, 5]], ONE, r"region 0 \(on image 0\): box \[0, -1, 5, 5\] is outside the 40x30"),
+    ([[0, 0, 5, 5], [0, 0, 41, 5]], TWO, r"region 1 \(on image 0\): box \[0, 0, 41, 5\] is outside the 40x30"),
+    ([[0, 0, 5, 5], [0, 0, 5, 31]], TWO, r"region 1 \(on image 0\): box \[0, 0, 5, 31\] is outside the 40x30"),
     ([[0, 0, 5, 5]], "<region> <image>", r"region 0: its <region> comes before any <image>"),
 ]
 
