@@ -1,7 +1,9 @@
-"""The kit's magic numbers, in one place: label ignore index, image placeholder, CLIP normalisation, chat defaults."""
+"""The kit's magic numbers, in one place: ignore index, image and region tokens, CLIP normalisation, chat defaults."""
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
+# Follows each box of a user turn in a model with region tokens and carries the box's region feature.
+REGION_FEATURE_TOKEN = "<|region_pad|>"
 
 # OpenAI CLIP statistics: RICE-ViT was trained with them (DESIGN.md section 3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

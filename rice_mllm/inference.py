@@ -24,7 +24,7 @@ from .checkpoint_layout import (
     is_adapter,
     resolve_model_dir,
 )
-from .constants import IMAGE_TOKEN
+from .constants import IMAGE_TOKEN, REGION_FEATURE_TOKEN
 from .data.collate import PaddingCollator
 from .mllm.boxes import BOX_END, BOX_START
 from .mllm.chat_template import IM_END, IM_START
@@ -42,7 +42,7 @@ SKIP_4BIT = ["vision_tower", "projector", "lm_head"]
 CPU_4BIT_BLOCK = (32, 64)
 MAX_IMAGE_PIXELS = 64_000_000  # beyond this a decompression bomb is likelier than a photo
 # Text a user turn cannot carry: the template would read it as an image placeholder or a turn boundary.
-TEMPLATE_MARKERS = (IMAGE_TOKEN, IM_START, IM_END)
+TEMPLATE_MARKERS = (IMAGE_TOKEN, REGION_FEATURE_TOKEN, IM_START, IM_END)
 # Special tokens a reply keeps: Qwen2.5's tokenizer marks its box tokens special, and eval and chat read boxes in text.
 KEPT_SPECIAL_TOKENS = (BOX_START, BOX_END)
 

@@ -1,17 +1,28 @@
 """Region tokens: each box's feature is stage 0's region transformer over the image's base tile, then the projector."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from rice_mllm.constants import IGNORE_INDEX
+from rice_mllm.constants import IGNORE_INDEX, REGION_FEATURE_TOKEN
 from rice_mllm.data.collate import PaddingCollator
 from rice_mllm.data.packing import PackingCollator
+from rice_mllm.inference import answer, load_for_inference
 from rice_mllm.mllm.anyres import num_image_tokens, num_tiles
+from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
+from rice_mllm.mllm.boxes import RegionError
 from rice_mllm.mllm.modeling import RegionTokenMismatchError, RiceMllmForConditionalGeneration
+from rice_mllm.mllm.processing import RiceMllmProcessor
 from rice_mllm.mllm.region_tokens import boxes_on_base_tile
 from rice_mllm.pretrain.region_head import box_patch_masks, encode_for_regions, region_attention
+from rice_mllm.train.trainer import main as train_main
 from tests.fixtures import TINY_IMAGE_TOKEN_ID, tiny_mllm_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REGION = 7  # any id of the tiny vocabulary other than the image token
 
@@ -75,7 +86,7 @@ def test_region_tokens_leave_image_features_and_text_unchanged():
 @pytest.mark.parametrize("num_boxes", [0, 2])
 def test_a_box_count_unlike_the_region_tokens_is_named(num_boxes):
     model = _model()
-    with pytest.raises(RegionTokenMismatchError, match=rf"1 <region> tokens, {num_boxes} region_boxes"):
+    with pytest.raises(RegionTokenMismatchError, match=rf"1 region tokens, {num_boxes} region_boxes"):
         model.embed_inputs(
             **_batch(model, 1),
             region_boxes=torch.zeros(num_boxes, 4),
@@ -162,3 +173,93 @@ def test_padded_and_packed_batches_with_boxes_give_the_loss_and_gradients_of_sam
         assert abs(loss - reference[0]) <= 1e-5 * abs(reference[0])
         for name, grad in reference[1].items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- the processor and the trainer ----
+BOX_A, BOX_B = "<|box_start|>(0,0),(500,1000)<|box_end|>", "<|box_start|>(100,200),(300,400)<|box_end|>"
+
+
+@pytest.fixture(scope="module")
+def region_processor():
+    return build_processor(TINY_TOKENIZER, tile_size=28, region_tokens=True)
+
+
+def test_the_processor_follows_each_user_box_with_a_region_token_and_returns_the_boxes(region_processor):
+    messages = [
+        {"role": "user", "content": f"<image>\nWhat is at {BOX_A}?"},
+        {"role": "assistant", "content": f"a circle, also at {BOX_B}"},
+        {"role": "user", "content": f"<image>\nAnd at {BOX_B} here?"},
+        {"role": "assistant", "content": "a star"},
+    ]
+    images = [Image.new("RGB", (56, 28)), Image.new("RGB", (28, 28))]
+    sample = region_processor(messages, images)
+    region_id = region_processor.region_token_id
+    positions = (sample["input_ids"] == region_id).nonzero().flatten().tolist()
+    assert len(positions) == 2  # the assistant's box is the model's to write: no feature token
+    for position in positions:  # right after a box's closing token, never supervised
+        assert region_processor.tokenizer.decode(sample["input_ids"][:position]).endswith("<|box_end|>")
+        assert sample["labels"][position] == IGNORE_INDEX
+    assert sample["region_boxes"].tolist() == [[0, 0, 500, 1000], [100, 200, 300, 400]]
+    assert sample["region_images"].tolist() == [0, 1]
+
+
+def test_text_holding_the_region_token_itself_is_refused(region_processor):
+    messages = [{"role": "user", "content": f"<image>\n{REGION_FEATURE_TOKEN} what?"}]
+    with pytest.raises(RegionError, match=r"1 <\|region_pad\|> tokens for 0 boxes"):
+        region_processor(messages, [Image.new("RGB", (28, 28))])
+
+
+def test_without_region_tokens_boxes_stay_text(tmp_path, region_processor):
+    plain = build_processor(TINY_TOKENIZER, tile_size=28)
+    sample = plain([{"role": "user", "content": f"<image>\n{BOX_A}"}], [Image.new("RGB", (28, 28))])
+    assert "region_boxes" not in sample and plain.region_token_id is None
+    region_processor.save_pretrained(tmp_path)
+    reloaded = RiceMllmProcessor.from_pretrained(tmp_path)
+    assert reloaded.region_token_id == region_processor.region_token_id
+
+
+def _region_records(folder: Path) -> Path:
+    """Four LLaVA records with pixel boxes: 'What colour is the shape at <region>?'."""
+    records = []
+    for index, colour in enumerate(["red", "blue", "red", "blue"]):
+        image = Image.new("RGB", (64, 48), "white")
+        image.paste(colour, (8 + index, 8, 40, 40))
+        image.save(folder / f"{index}.png")
+        records.append(
+            {
+                "image": f"{index}.png",
+                "regions": [[8 + index, 8, 40, 40]],
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the shape at <region>?"},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
+    path = folder / "regions.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_a_model_with_region_tokens_trains_saves_and_answers_about_a_box(tmp_path):
+    data = _region_records(tmp_path)
+    args = [
+        "--config",
+        str(ROOT / "recipes" / "stage2_instruct.yaml"),
+        f"output_dir={tmp_path / 'run'}",
+        "data.tiny_world=null",
+        f"data.train_files=[{data}]",
+        "data.template=chatml",
+        "model.init_from=null",
+        "model.region_tokens=true",
+        "optim.max_steps=2",
+        "optim.batch_size=2",
+        "deepspeed=null",
+    ]
+    train_main(args)
+    model, processor = load_for_inference(tmp_path / "run", device="cpu")
+    assert model.config.region_token_id == processor.region_token_id is not None
+    messages = [{"role": "user", "content": f"<image>\nWhat colour is the shape at {BOX_A}?"}]
+    reply = answer(model, processor, messages, [Image.open(tmp_path / "0.png")], max_new_tokens=3)
+    assert isinstance(reply, str)
+    with pytest.raises(ValueError, match="fixes them"):
+        train_main([*args, f"model.init_from={tmp_path / 'run'}", f"output_dir={tmp_path / 'again'}"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
+from ..constants import REGION_FEATURE_TOKEN
 from ..presets import PRESET_DIR, list_presets, load_preset
 from ..vision import RiceVisionConfig, RiceVisionModel
 from .anyres import DEFAULT_MULTI_IMAGE_TILING, AnyresGeometry
@@ -35,6 +36,7 @@ def build_processor(
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING,
     image_grid_pinpoints: str | list | None = None,
     template: str = DEFAULT_TEMPLATE,
+    region_tokens: bool = False,
 ) -> RiceMllmProcessor:
     """A processor over `tokenizer` (directory or hub id; `<image>` added if missing) with anyres geometry.
 
@@ -48,12 +50,15 @@ def build_processor(
         image_grid_pinpoints: the grids in any form `grid_pinpoints.parse_grid_pinpoints` reads ("llava-next",
             "(1x1),...,(3x3)", "anyres_max_9", [[height, width], ...]).
         template: "chatml" or "plain" (LLaVA's alignment template), see `chat_template.TEMPLATES`.
+        region_tokens: a REGION_FEATURE_TOKEN after each box of a user turn, for a model with region tokens.
     """
     loaded = AutoTokenizer.from_pretrained(str(tokenizer))
     add_image_token(loaded)
+    if region_tokens:
+        add_image_token(loaded, REGION_FEATURE_TOKEN)
     pinpoints, budget = resolve_grid(tile_size, image_grid_pinpoints, max_tiles, max_grid_tiles)
     geometry = AnyresGeometry(tile_size, patch_size, pinpoints, budget, multi_image_tiling)
-    return RiceMllmProcessor(loaded, RiceImageProcessor(geometry), max_length=max_length, template=template)
+    return RiceMllmProcessor(loaded, RiceImageProcessor(geometry), max_length, template, region_tokens)
 
 
 def _is_preset(name: str) -> bool:
@@ -77,8 +82,8 @@ def _text_part(llm: str):
 def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceMllmForConditionalGeneration:
     """A fresh multimodal model: pretrained parts where paths/hub ids are given, random ones for preset names.
 
-    The projector and `image_newline` start random (stage 1 trains them). If the tokenizer grew (the `<image>` token),
-    the LLM's embeddings are resized to match.
+    The projector and `image_newline` start random (stage 1 trains them). If the tokenizer grew (the `<image>` token,
+    the region token), the LLM's embeddings are resized to match; the model has region tokens when the processor does.
     """
     vision_config, encoder = _vision_part(vision)
     text_config, language_model = _text_part(llm)
@@ -95,6 +100,7 @@ def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceM
         image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints],
         max_grid_tiles=geometry.max_grid_tiles,
         multi_image_tiling=geometry.multi_image_tiling,
+        region_token_id=processor.region_token_id,
     )
     model = RiceMllmForConditionalGeneration(config)
     if encoder is not None:

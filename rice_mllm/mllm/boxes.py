@@ -163,3 +163,40 @@ def fill_regions(
                 index += 1
         filled.append({**message, "content": "".join(parts)})
     return filled
+
+
+def mark_regions(
+    messages: Sequence[Mapping[str, str]], marker: str
+) -> tuple[list[dict[str, str]], list[Box], list[int]]:
+    """Each box text of a user turn followed by `marker` (a model's region token), for region features.
+
+    Boxes in assistant turns stay text: the model writes those, nobody gives it their features.
+
+    Returns:
+        the marked messages; the user turns' boxes (normalised), in order; the index of each box's image (the nearest
+        `<image>` before it, as in `fill_regions`).
+
+    Raises:
+        RegionError: a user turn's box before any `<image>`.
+    """
+    marked, boxes, owners, images = [], [], [], 0
+    pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{BOX_PATTERN.pattern}")
+    for message in messages:
+        user = message.get("role") == "user"
+
+        def mark(match: re.Match, user: bool = user) -> str:
+            nonlocal images
+            if match.group(0) == IMAGE_TOKEN:
+                images += 1
+                return match.group(0)
+            box = _match_box(match)
+            if not user or box is None:
+                return match.group(0)
+            if images == 0:
+                raise RegionError(f"box {len(boxes)} of the user turns comes before any {IMAGE_TOKEN}")
+            boxes.append(box)
+            owners.append(images - 1)
+            return match.group(0) + marker
+
+        marked.append({**message, "content": pattern.sub(mark, str(message.get("content", "")))})
+    return marked, boxes, owners

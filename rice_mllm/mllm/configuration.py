@@ -25,7 +25,7 @@ class RiceMllmConfig(PreTrainedConfig):
             OneVision classes reproduce exactly, unlike a 2x2 token merge.
         multi_image_tiling: "anyres" tiles every image of a multi-image sample (LLaVA-NeXT in transformers);
             "base" gives each its base tile only (LLaVA-NeXT's training code, LLaVA-OneVision): see AnyresGeometry.
-        region_token_id: id of the `<region>` token that follows each box of a user turn and carries the box's
+        region_token_id: id of the `<|region_pad|>` token that follows each box of a user turn and carries the box's
             region feature (mllm/region_tokens.py); None: region tokens off, boxes are plain text.
     """
 

@@ -32,7 +32,7 @@ class ImageTokenMismatchError(ValueError):
 
 
 class RegionTokenMismatchError(ValueError):
-    """The `<region>` tokens of a batch and its boxes disagree in number, or a box names no image of the batch."""
+    """A batch's region tokens (`<|region_pad|>`) and its boxes disagree in number, or a box names no image."""
 
 
 @dataclass
@@ -240,13 +240,13 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         region_boxes: torch.Tensor | None,
         region_images: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Region features over the `<region>` positions (region tokens on); one per box, in order."""
+        """Region features over the `<|region_pad|>` positions (region tokens on); one per box, in order."""
         is_region = input_ids == self.config.region_token_id
         boxes = region_boxes if region_boxes is not None else embeds.new_zeros(0, 4)
         images = region_images if region_images is not None else torch.zeros(0, dtype=torch.long)
         if int(is_region.sum()) != len(boxes) or len(boxes) != len(images):
             raise RegionTokenMismatchError(
-                f"the batch has {int(is_region.sum())} <region> tokens, {len(boxes)} region_boxes and "
+                f"the batch has {int(is_region.sum())} region tokens, {len(boxes)} region_boxes and "
                 f"{len(images)} region_images"
             )
         if len(boxes):
@@ -267,7 +267,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         region_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features written over the `<image>` positions (and, with region tokens on,
-        region features over the `<region>` positions: `region_boxes` [R, 4] in 0-1000 of the image whose index
+        region features over the `<|region_pad|>` positions: `region_boxes` [R, 4] in 0-1000 of the image whose index
         among the batch's images `region_images` [R] gives). [B, T] -> [B, T, D_llm]."""
         embeds = self.get_input_embeddings()(input_ids)
         is_image = input_ids == self.config.image_token_id

@@ -17,9 +17,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from rice_mllm.checkpoint_layout import PROCESSOR_CONFIG_FILE
-from rice_mllm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from rice_mllm.constants import IGNORE_INDEX, IMAGE_TOKEN, REGION_FEATURE_TOKEN
 from rice_mllm.mllm.anyres import Size, num_image_tokens
-from rice_mllm.mllm.boxes import fill_regions
+from rice_mllm.mllm.boxes import RegionError, fill_regions, mark_regions
 from rice_mllm.mllm.chat_template import DEFAULT_TEMPLATE, get_template, tokenize_chat
 from rice_mllm.mllm.image_processing import RiceImageProcessor
 
@@ -39,14 +39,23 @@ def count_placeholders(messages: Sequence[Mapping[str, str]]) -> int:
     return sum(str(message.get("content", "")).count(IMAGE_TOKEN) for message in messages)
 
 
-def add_image_token(tokenizer) -> int:
-    """Add IMAGE_TOKEN to the tokenizer as a special token if it is missing; return its id.
+def add_image_token(tokenizer, token: str = IMAGE_TOKEN) -> int:
+    """Add IMAGE_TOKEN (or another token the model fills with features, e.g. REGION_FEATURE_TOKEN) to the tokenizer
+    as a special token if it is missing; return its id.
 
     The caller resizes the LLM's embeddings when `len(tokenizer)` grew.
     """
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def _single_token_id(tokenizer, token: str) -> int:
+    """The id of `token`, which the tokenizer must hold as one special token (see `add_image_token`)."""
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] != tokenizer.convert_tokens_to_ids(token):
+        raise ValueError(f"tokenizer splits {token!r} into {ids}: add it as a special token with add_image_token()")
+    return ids[0]
 
 
 class RiceMllmProcessor:
@@ -60,6 +69,8 @@ class RiceMllmProcessor:
         max_length: longest allowed sample in tokens (after image expansion); None for no limit.
         template: "chatml" (default) or "plain" (LLaVA's alignment template), from `chat_template.TEMPLATES`;
             saved with the processor. A later stage sets its own (`data.template`).
+        region_tokens: follow each box of a user turn with REGION_FEATURE_TOKEN (which the tokenizer must hold) and
+            return the boxes, for a model with region tokens (`region_token_id`); False: boxes are plain text.
     """
 
     def __init__(
@@ -68,12 +79,10 @@ class RiceMllmProcessor:
         image_processor: RiceImageProcessor,
         max_length: int | None = None,
         template: str = DEFAULT_TEMPLATE,
+        region_tokens: bool = False,
     ) -> None:
-        ids = tokenizer(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1 or ids[0] != tokenizer.convert_tokens_to_ids(IMAGE_TOKEN):
-            raise ValueError(
-                f"tokenizer splits {IMAGE_TOKEN!r} into {ids}: add it as a special token with add_image_token()"
-            )
+        self.image_token_id: int = _single_token_id(tokenizer, IMAGE_TOKEN)
+        self.region_token_id = _single_token_id(tokenizer, REGION_FEATURE_TOKEN) if region_tokens else None
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be positive or None, got {max_length}")
         self.template = template
@@ -82,7 +91,10 @@ class RiceMllmProcessor:
         self.tokenizer.chat_template = self._template.jinja
         self.image_processor = image_processor
         self.max_length = max_length
-        self.image_token_id: int = ids[0]
+
+    @property
+    def region_tokens(self) -> bool:
+        return self.region_token_id is not None
 
     @property
     def pad_token_id(self) -> int:
@@ -125,6 +137,9 @@ class RiceMllmProcessor:
             )
         if regions is not None:
             messages = fill_regions(messages, regions, image_sizes)
+        boxes: list = []
+        if self.region_token_id is not None:
+            messages, boxes, owners = mark_regions(messages, REGION_FEATURE_TOKEN)
         rendered = tokenize_chat(self.tokenizer, self._template.format(messages, add_generation_prompt))
         # The tokenizer holds IMAGE_TOKEN as a special token (checked in __init__): one id per placeholder.
         positions = [i for i, token in enumerate(rendered.input_ids) if token == self.image_token_id]
@@ -141,11 +156,21 @@ class RiceMllmProcessor:
         input_ids += rendered.input_ids[start:]
         labels += rendered.labels[start:]
         ids = torch.tensor(input_ids, dtype=torch.long)
-        return {
+        sample = {
             "input_ids": ids,
             "labels": torch.tensor(labels, dtype=torch.long),
             "attention_mask": torch.ones_like(ids),
         }
+        if self.region_token_id is None:
+            return sample
+        if int((ids == self.region_token_id).sum()) != len(boxes):  # a region token typed in the text itself
+            raise RegionError(
+                f"{int((ids == self.region_token_id).sum())} {REGION_FEATURE_TOKEN} tokens for {len(boxes)} boxes: "
+                f"the text may not hold {REGION_FEATURE_TOKEN} itself"
+            )
+        sample["region_boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        sample["region_images"] = torch.tensor(owners, dtype=torch.long)
+        return sample
 
     def check_length(self, num_tokens: int) -> None:
         """Raise SampleTooLongError when num_tokens > max_length (samples are never truncated)."""
@@ -187,7 +212,7 @@ class RiceMllmProcessor:
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
-        config = {"max_length": self.max_length, "template": self.template}
+        config = {"max_length": self.max_length, "template": self.template, "region_tokens": self.region_tokens}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -198,10 +223,11 @@ class RiceMllmProcessor:
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         config = json.loads(path.read_text())
-        unknown = set(config) - {"max_length", "template"}
+        unknown = set(config) - {"max_length", "template", "region_tokens"}
         if unknown:
             raise KeyError(f"{path}: unknown keys {sorted(unknown)}")
         tokenizer = AutoTokenizer.from_pretrained(directory)
         # Processors saved before templates were a choice rendered ChatML.
         template = config.get("template", DEFAULT_TEMPLATE)
-        return cls(tokenizer, RiceImageProcessor.from_pretrained(directory), config["max_length"], template)
+        image_processor = RiceImageProcessor.from_pretrained(directory)
+        return cls(tokenizer, image_processor, config["max_length"], template, config.get("region_tokens", False))

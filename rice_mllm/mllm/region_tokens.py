@@ -1,11 +1,11 @@
 """Region tokens: one LLM input embedding per box, pooled by RICE's region transformer from the image's encoder pass.
 
-A box in a user turn (0-1000 of its image, Qwen2.5's box format) is followed by a `<region>` token whose embedding
-is the region's feature: the stage-0 code path (`region_inputs` -> `box_patch_masks` -> `region_attention`; weight-free,
-the image's CLS queries the box's visible patches) over the image's base tile, read from the same encoder pass as the
-image features (with region tokens on, every block runs), then the multimodal projector. The base tile sees the whole
-image: squashed to S x S for a tiled image (so 0-1000 coordinates scale straight to the tile), centred on a square for
-an image that gives its base tile only."""
+A box in a user turn (0-1000 of its image, Qwen2.5's box format) is followed by a `<|region_pad|>` token whose
+embedding is the region's feature: the stage-0 code path (`region_inputs` -> `box_patch_masks` -> `region_attention`;
+weight-free, the image's CLS queries the box's visible patches) over the image's base tile, read from the same encoder
+pass as the image features (with region tokens on, every block runs), then the multimodal projector. The base tile
+sees the whole image: squashed to S x S for a tiled image (so 0-1000 coordinates scale straight to the tile), centred
+on a square for an image that gives its base tile only."""
 
 from __future__ import annotations
 

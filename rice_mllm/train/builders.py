@@ -79,15 +79,18 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
     """
     m, d = config.model, config.data
     if m.init_from is not None:
-        grids = {
+        fixed = {
             "image_grid_pinpoints": m.image_grid_pinpoints,
             "max_tiles": m.max_tiles,
             "max_grid_tiles": m.max_grid_tiles,
+            "region_tokens": m.region_tokens or None,
         }
-        if given := [f"model.{key}" for key, value in grids.items() if value is not None]:
-            raise ValueError(f"{given} set, but model.init_from={m.init_from} fixes the tiling: drop them")
+        if given := [f"model.{key}" for key, value in fixed.items() if value is not None]:
+            raise ValueError(f"{given} set, but model.init_from={m.init_from} fixes them: drop them")
         loaded = RiceMllmProcessor.from_pretrained(_init_dir(config))
-        return RiceMllmProcessor(loaded.tokenizer, loaded.image_processor, d.max_length, d.template)
+        return RiceMllmProcessor(
+            loaded.tokenizer, loaded.image_processor, d.max_length, d.template, loaded.region_tokens
+        )
     source = vision_source(config)
     if source in list_presets():
         vision = load_preset(source)
@@ -103,6 +106,7 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
         multi_image_tiling=m.multi_image_tiling,
         image_grid_pinpoints=m.image_grid_pinpoints,
         template=d.template,
+        region_tokens=m.region_tokens,
     )
 
 
