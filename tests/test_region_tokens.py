@@ -263,3 +263,18 @@ def test_a_model_with_region_tokens_trains_saves_and_answers_about_a_box(tmp_pat
     assert isinstance(reply, str)
     with pytest.raises(ValueError, match="fixes them"):
         train_main([*args, f"model.init_from={tmp_path / 'run'}", f"output_dir={tmp_path / 'again'}"])
+    lora = [  # LoRA on top: the adapters train on the same boxes, and the adapter checkpoint answers
+        "--config",
+        str(ROOT / "recipes" / "finetune_lora.yaml"),
+        f"model.init_from={tmp_path / 'run'}",
+        f"output_dir={tmp_path / 'lora'}",
+        "data.tiny_world=null",
+        f"data.train_files=[{data}]",
+        "optim.max_steps=2",
+        "optim.batch_size=2",
+        "deepspeed=null",
+    ]
+    train_main(lora)
+    model, processor = load_for_inference(tmp_path / "lora", device="cpu")
+    assert processor.region_token_id is not None
+    assert isinstance(answer(model, processor, messages, [Image.open(tmp_path / "1.png")], max_new_tokens=3), str)

@@ -432,8 +432,9 @@ def test_stage1_recipe_changes_only_the_projector_and_stage2_also_the_llm(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_two_rank_zero3_stage2_over_text_only_and_image_samples_completes_and_loads(tmp_path):
-    """Through the recipe launcher: ranks whose micro-batch has no image must not hang ZeRO-3's gathers."""
+@pytest.mark.parametrize("region_tokens", [False, True])
+def test_two_rank_zero3_stage2_over_text_only_and_image_samples_completes_and_loads(tmp_path, region_tokens):
+    """Through the recipe launcher: ranks whose micro-batch has no image (or no box) must not hang ZeRO-3's gathers."""
     import os
     import socket
 
@@ -445,10 +446,15 @@ def test_two_rank_zero3_stage2_over_text_only_and_image_samples_completes_and_lo
             str(ROOT / "recipes/stage1_align.yaml"),
             *_tiny_world_args(tmp_path, "s1", "qa_train.json"),
             "data.template=chatml",  # multi-turn QA records: LLaVA's plain template takes one caption each
+            f"model.region_tokens={str(region_tokens).lower()}",
         ]
     )
     records = json.loads((tmp_path / "world" / "qa_train.json").read_text())
     with_images = [r for r in records if "image" in r][:2]
+    if region_tokens:  # a question about a box on each image sample
+        for record in with_images:
+            record["regions"] = [[0, 0, 40, 40]]
+            record["conversations"][0]["value"] += " Look at <region>."
     text_only = [
         {
             "id": f"text-{i}",
@@ -471,6 +477,7 @@ def test_two_rank_zero3_stage2_over_text_only_and_image_samples_completes_and_lo
     assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
     model = RiceMllmForConditionalGeneration.from_pretrained(next(run.glob("checkpoint-*")) / "model")
     assert torch.isfinite(next(model.language_model.parameters())).all()
+    assert (model.config.region_token_id is not None) == region_tokens
 
 
 def test_qlora_recipe_runs_on_a_llava_json_over_the_real_model(tmp_path):
