@@ -15,6 +15,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rice_mllm.data.synthetic_regions import (
+    REGION_QUESTION_TYPES,
+    RegionTurn,
+    region_question_turns,
+    split_turns,
+    without_shared_boxes,
+)
 from rice_mllm.data.synthetic_scene import (
     DEFAULT_WORLD,
     RenderedScene,
@@ -38,7 +45,7 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
 # Bumped whenever the same arguments would give different files, so that `reuse_existing` regenerates a world an older
 # generator wrote instead of training on its stale text (git history has what each version changed).
-GENERATOR_VERSION = 11
+GENERATOR_VERSION = 12
 # Text-only and two-image records per image of the split, rounded up. Text records ask TEXT_ONLY_TURNS different
 # questions each: held-out sums wanted more records, not longer ones. The held-out split holds more of both, so their
 # accuracy is known to a few points. The fractions were tuned on the main job (git history has the runs).
@@ -131,18 +138,40 @@ def _add_image(
     caption_turn = (prompt, caption(scene, shape_first=_rng(seed, split, index, "caption").random() < 0.5))
     records.captions.append(_record(f"{split}-{index:06d}-caption", path, [caption_turn]))
     turns_by_type = _question_turns_by_type(scene, rng, qa_per_image)
+    # Their own stream, so the older types' records stay as they were.
+    region_turns = _region_turns_by_type(scene, _rng(seed, split, index, "regions"))
     if merge_qa:
         # The caption goes last: placed first, the answers could be copied from it instead of read off the
-        # image, which a held-out question (asked without a caption) does not allow.
-        turns_by_type = {"mixed": [turn for turns in turns_by_type.values() for turn in turns] + [caption_turn]}
+        # image, which a held-out question (asked without a caption) does not allow. The region types come after
+        # the older ones, which are then trained in the context they had before.
+        old = [(*turn, ()) for turns in turns_by_type.values() for turn in turns]
+        merged = old + _merged_region_turns(region_turns) + [(*caption_turn, ())]
+        turns_by_type, region_turns = {}, {"mixed": merged}
     for kind, turns in turns_by_type.items():
         records.qa.append(_record(f"{split}-{index:06d}-{kind}", path, turns, kind))
+    for kind, turns in region_turns.items():
+        plain, regions = split_turns(turns)
+        records.qa.append(_record(f"{split}-{index:06d}-{kind}", path, plain, kind, regions))
 
 
 def _question_turns_by_type(scene: Scene, rng: random.Random, qa_per_image: int) -> dict[str, list[Turn]]:
     """Turns of up to `qa_per_image` different question types the scene supports, the types in random order."""
     kinds = supported_question_types(scene)
     return {kind: question_turns(scene, kind, rng) for kind in rng.sample(kinds, min(qa_per_image, len(kinds)))}
+
+
+def _region_turns_by_type(scene: Scene, rng: random.Random) -> dict[str, list[RegionTurn]]:
+    """Turns of every region question type the scene supports (boxes from rendering it)."""
+    rendered = render_scene(scene)
+    turns = {kind: region_question_turns(scene, rendered, kind, rng) for kind in REGION_QUESTION_TYPES}
+    return {kind: kind_turns for kind, kind_turns in turns.items() if kind_turns}
+
+
+def _merged_region_turns(turns_by_type: dict[str, list[RegionTurn]]) -> list[RegionTurn]:
+    """One training record's region turns: grounding, then region questions about other boxes, then absent ones."""
+    grounding = turns_by_type.get("grounding", [])
+    region = without_shared_boxes(turns_by_type.get("region", []), grounding)
+    return grounding + region + turns_by_type.get("absent", [])
 
 
 def _text_records(split: str, rng: random.Random, count: int) -> list[dict]:
@@ -167,13 +196,22 @@ def _pair_records(records: SplitRecords, rng: random.Random, count: int, every_q
     return pairs
 
 
-def _record(record_id: str, image: str | list[str] | None, turns: list[Turn], question_type: str | None = None) -> dict:
-    """A LLaVA record: "image" only when it has images (a list for two), "question_type" for every QA record."""
+def _record(
+    record_id: str,
+    image: str | list[str] | None,
+    turns: list[Turn],
+    question_type: str | None = None,
+    regions: list[list[int]] | None = None,
+) -> dict:
+    """A LLaVA record: "image" only when it has images (a list for two), "regions" only when it has boxes (pixels, one
+    per `<region>` placeholder), "question_type" for every QA record."""
     record: dict = {"id": record_id}
     if image is not None:
         record["image"] = image
     num_images = 0 if image is None else 1 if isinstance(image, str) else len(image)
     record["conversations"] = conversation(turns, num_images)
+    if regions:
+        record["regions"] = regions
     if question_type is not None:
         record["question_type"] = question_type
     return record

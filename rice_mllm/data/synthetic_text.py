@@ -30,6 +30,12 @@ _SHAPE_FACTS: tuple[Turn, ...] = (
 _SUM_TERMS = 10  # text-only sums add two numbers below this
 _ORDINALS = ("first", "second")
 _PREPOSITIONS = {"left": "on the", "right": "on the", "center": "in the"}
+COLOUR_TEMPLATES = ("What colour is the {}?", "Which colour is the {}?")
+
+
+def with_article(name: str) -> str:
+    """ "a red star", "an orange star"."""
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _where(obj: SceneObject) -> str:
@@ -51,7 +57,7 @@ def caption(scene: Scene, shape_first: bool = False) -> str:
         named = [(obj.shape, f"{_where(obj)} coloured {obj.colour}") for obj in scene.objects]
     else:
         named = [(obj.label, _where(obj)) for obj in scene.objects]
-    parts = [f"{'an' if name[0] in 'aeiou' else 'a'} {name} {rest}" for name, rest in named]
+    parts = [f"{with_article(name)} {rest}" for name, rest in named]
     if scene.word is not None:
         parts.append(f"the word '{scene.word.text}'")
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -60,9 +66,10 @@ def caption(scene: Scene, shape_first: bool = False) -> str:
 
 def _colour_turns(scene: Scene, rng: random.Random) -> list[Turn]:
     shapes = [obj.shape for obj in scene.objects]
-    templates = ("What colour is the {}?", "Which colour is the {}?")
     return [
-        (rng.choice(templates).format(obj.shape), obj.colour) for obj in scene.objects if shapes.count(obj.shape) == 1
+        (rng.choice(COLOUR_TEMPLATES).format(obj.shape), obj.colour)
+        for obj in scene.objects
+        if shapes.count(obj.shape) == 1
     ]
 
 
