@@ -17,6 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from rice_mllm.constants import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 from rice_mllm.data.synthetic import SPLITS, build_split
+from rice_mllm.mllm.boxes import BOX_END, BOX_START, fill_regions
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "rice_mllm" / "presets" / "tokenizers" / "tiny"
 VOCAB_SIZE = 1024
@@ -27,9 +28,10 @@ NUM_SCENES = 2000  # enough text that every template, word and number is seen ma
 CORPUS_TWO_IMAGE_FRACTION = 0.1
 MODEL_MAX_LENGTH = 4096
 
-# Ids 0..3, in Qwen2.5's order for the first three; `<image>` is the LLaVA placeholder the processor expands.
+# Ids 0..5, in Qwen2.5's order for the first three; `<image>` is the LLaVA placeholder the processor expands; then
+# Qwen2.5's box delimiters (special there too, so a box is 2 special tokens and its digits and punctuation).
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, IMAGE_TOKEN]
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, IMAGE_TOKEN, BOX_START, BOX_END]
 
 # Qwen2's pre-tokenizer split (from its tokenizer.json): contractions, letter runs with one leading non-letter,
 # single digits, punctuation runs, newline runs and whitespace. Bytes are then mapped GPT-2 style.
@@ -111,14 +113,19 @@ ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 def corpus() -> Iterator[str]:
     """Training text in a fixed order: general English, then the world's messages as ChatML shows them to BPE.
 
-    Special tokens are cut out before BPE sees text, so a message reaches it as "role\ncontent".
+    Special tokens are cut out before BPE sees text, so a message reaches it as "role\ncontent"; `<region>`
+    placeholders are filled with box texts, as the processor renders them.
     """
     yield from GENERAL_ENGLISH.splitlines()
     records = build_split(seed=0, split=SPLITS[0], num_images=NUM_SCENES, two_image_fraction=CORPUS_TWO_IMAGE_FRACTION)
+    sizes = {path: (scene.height, scene.width) for path, scene in zip(records.image_paths, records.scenes, strict=True)}
     for record in records.captions + records.qa:
         yield f"system\n{DEFAULT_SYSTEM_PROMPT}"  # the template adds it to every conversation
-        for message in record["conversations"]:
-            yield f"{ROLES[message['from']]}\n{message['value']}"
+        messages = [{"content": message["value"], "from": message["from"]} for message in record["conversations"]]
+        if record.get("regions"):
+            messages = fill_regions(messages, record["regions"], [sizes[record["image"]]])
+        for message in messages:
+            yield f"{ROLES[message['from']]}\n{message['content']}"
 
 
 def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
@@ -128,7 +135,7 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
         vocab_size: total size including the 256 byte symbols and the special tokens.
 
     Returns:
-        The tokenizer; special tokens take ids 0..3 in SPECIAL_TOKENS order.
+        The tokenizer; special tokens take ids 0..5 in SPECIAL_TOKENS order.
     """
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -159,7 +166,7 @@ def tokenizer_config() -> dict:
         "eos_token": IM_END,
         "pad_token": PAD_TOKEN,
         "unk_token": None,
-        "extra_special_tokens": [IM_START, IM_END, IMAGE_TOKEN],
+        "extra_special_tokens": [IM_START, IM_END, IMAGE_TOKEN, BOX_START, BOX_END],
         "add_bos_token": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,

@@ -58,10 +58,10 @@ def test_gpu_benchmark_quick_runs_and_counts_model_flops_as_by_hand(bench, capsy
     assert "tokens/s" in out and "MFU" in out and result["tokens_per_s"] > 0
     assert result["mfu"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e12)
     # The tiny presets by hand. rice-vit-tiny: hidden 32, MLP 64, 56 px tiles of 14 px patches (n = 16), feature layer
-    # -2 of 2 blocks (1 runs); qwen2.5-tiny: hidden 128, MLP 512, 4 layers, 4 heads of 32, 2 KV heads, 712 ids.
+    # -2 of 2 blocks (1 runs); qwen2.5-tiny: hidden 128, MLP 512, 4 layers, 4 heads of 32, 2 KV heads, 729 ids.
     shapes = script["FlopShapes"](
         llm_layer_params=4 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 512),  # q, k + v, o, MLP
-        llm_head_params=712 * 128,
+        llm_head_params=729 * 128,
         llm_layers=4,
         llm_attention_width=128,
         projector_params=32 * 128 + 128 * 128,
