@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .checkpoint_layout import resolve_model_dir
-from .data.sources import load_conversations, open_images
+from .data.sources import load_conversations, open_images, region_messages
 from .data.synthetic import generate
 from .data.synthetic_scene import WorldConfig
 from .eval import main as eval_main
@@ -76,6 +76,9 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "model.image_grid_pinpoints": "null",  # the recipe's LLaVA-NeXT grids make 2+ tiles of a 96 px image
             "model.max_tiles": "1",
             "model.multi_image_tiling": "base",
+            # RICE's point: a box in a question brings the encoder's own region feature (its region transformer over
+            # the box), not just its digits. `stage1.model.region_tokens=false` gives the boxes-as-text comparison.
+            "model.region_tokens": "true",
             # ChatML beat the recipe's LLaVA plain here, same stage 0: 84.3% against 83.2% held out (git log has both)
             "data.template": "chatml",
             "data.tiny_world": "null",  # generated once, below
@@ -126,7 +129,8 @@ def demo_answer(model_dir: Path, heldout: Path) -> None:
     """Answer the first held-out question about an image, as `python -m rice_mllm.chat` would."""
     record = next(c for c in load_conversations(heldout) if c.images)
     model, processor = load_for_inference(model_dir, device="cpu")
-    context, reference = record.messages[:-1], record.messages[-1]["content"]
+    messages = region_messages(record)  # `<region>` placeholders -> box texts, as eval renders them
+    context, reference = messages[:-1], messages[-1]["content"]
     reply = answer(model, processor, context, open_images(record), max_new_tokens=16)
     question = context[-1]["content"].replace("<image>", "").strip()
     print(f"\nunseen image {record.images[0]}\n  question: {question}\n  answer:   {reply}   (reference: {reference})")

@@ -31,9 +31,12 @@ def test_shrunk_main_job_runs_end_to_end(tmp_path, capsys):
     assert set(summary["timings_s"]) == set(PLAN)
     for report in (summary["eval"], summary["blank"]):
         assert report["overall"]["count"] == sum(kind["count"] for kind in report["per_type"].values())
-        assert {"colour", "shape", "count", "position", "reading"} <= set(report["per_type"])
+        assert {"colour", "shape", "count", "position", "reading", "region", "grounding", "absent"} <= set(
+            report["per_type"]
+        )
     assert summary["blank"]["blank_images"] and not summary["eval"]["blank_images"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     merged = json.loads((tmp_path / "data" / "qa_train.json").read_text())
     assert {r["question_type"] for r in merged if isinstance(r.get("image"), str)} == {"mixed"}
+    assert any(r.get("regions") for r in merged)  # region and grounding turns train with their boxes
     assert "answer:" in capsys.readouterr().out
