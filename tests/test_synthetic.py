@@ -20,6 +20,7 @@ import transformers
 from PIL import Image, ImageDraw, ImageFont
 
 from rice_mllm.data import synthetic
+from rice_mllm.data.synthetic_regions import region_question_turns
 from rice_mllm.data.synthetic_scene import WORDS, WorldConfig
 from rice_mllm.data.synthetic_text import question_turns, text_only_turns
 
@@ -32,7 +33,8 @@ CSS = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "yellow": 
 CSS |= {"purple": (128, 0, 128), "orange": (255, 165, 0)}
 SHAPE_NAMES = ("circle", "square", "triangle", "star", "diamond")
 GRID = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
-ALL_TYPES = {"colour", "shape", "count", "position", "reading", "text", "multi_image"}
+REGION_TYPES = {"region", "grounding", "absent"}
+ALL_TYPES = {"colour", "shape", "count", "position", "reading", "text", "multi_image"} | REGION_TYPES
 READING = ("What word is written in the image?", "What does the text say?", "Read the word in the image.")
 
 
@@ -103,7 +105,8 @@ def _parse_shapes(path: Path) -> list[dict]:
             shape = "triangle" if bottom_width > 0.6 else "diamond"
         cell = (int(3 * (y0 + y1) / 2 / height), int(3 * (x0 + x1) / 2 / width))
         position = GRID[cell[0]][cell[1]]
-        shapes.append({"colour": colour, "shape": shape, "position": position, "cell": cell, "box": [x0, y0, x1, y1]})
+        box = [int(x0), int(y0), int(x1), int(y1)]
+        shapes.append({"colour": colour, "shape": shape, "position": position, "cell": cell, "box": box})
     return shapes
 
 
@@ -159,6 +162,17 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
         has = [any((s["colour"], s["shape"]) == (m[1], m[2]) for s in scene) for scene in scenes]
         assert has.count(True) == 1, f"{question!r} is ambiguous over {scenes}"
         return "first" if has[0] else "second"
+    if m := re.fullmatch(r"What (colour is the shape|shape is) at (\[.*\])\?", question):
+        (match,) = [s for s in shapes if s["box"] == json.loads(m[2])]
+        return match["colour" if m[1].startswith("colour") else "shape"]
+    if re.fullmatch(r"What is written at \[.*\]\?", question):  # the box is checked against the ink elsewhere
+        assert words[0] is not None
+        return words[0]
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\? Answer with its box\.", question):
+        (match,) = [s for s in shapes if (s["colour"], s["shape"]) == (m[1], m[2])]
+        return json.dumps(match["box"])
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", question):
+        return "yes" if any((s["colour"], s["shape"]) == (m[1], m[2]) for s in shapes) else "no"
     if question == "How many shapes are there?":
         return str(len(shapes))
     if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
@@ -166,8 +180,8 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
         return str(sum(s["shape"] == m[1] for s in shapes))
     if m := re.fullmatch(r"(?:What|Which) colour is the (\w+)\?", question):
-        (match,) = [s for s in shapes if s["shape"] == m[1]]
-        return match["colour"]
+        matches = [s for s in shapes if s["shape"] == m[1]]
+        return matches[0]["colour"] if len(matches) == 1 else f"There is no {m[1]}." if not matches else "ambiguous"
     if m := re.fullmatch(r"What shape is the (\w+) object\?|Which shape is (\w+)\?", question):
         (match,) = [s for s in shapes if s["colour"] == (m[1] or m[2])]
         return match["shape"]
@@ -182,6 +196,14 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
         assert words[0] is not None
         return words[0]
     raise AssertionError(f"unknown question {question!r}")
+
+
+def _with_boxes(record: dict) -> list[str]:
+    """The record's turns with each `<region>` written as its pixel box, "[x0, y0, x1, y1]"."""
+    boxes = iter(record.get("regions", []))
+    turns = [re.sub("<region>", lambda _: json.dumps(next(boxes)), m["value"]) for m in record["conversations"]]
+    assert next(boxes, None) is None, f"{record['id']}: more regions than placeholders"
+    return turns
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -224,12 +246,18 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
     per_type, merged = _load(tmp_path / "per_type/qa_train.json"), _load(tmp_path / "merged/qa_train.json")
     captions = _load(tmp_path / "per_type/captions_train.json")
     for image in sorted({r["image"] for r in per_type if isinstance(r.get("image"), str)}):
-        # the separate records' turns in order, then the image's caption record as the last turn
-        separate = [r for r in per_type if r.get("image") == image] + [r for r in captions if r["image"] == image]
+        # the separate records' turns in order, the region types' as grounding, region (less those about a box a
+        # grounding turn names), absent; then the image's caption record as the last turn
+        records = {r["question_type"]: r for r in per_type if r.get("image") == image}
+        old = [r for kind, r in records.items() if kind not in REGION_TYPES]
+        grounded = {json.dumps(box) for box in records["grounding"]["regions"]}
+        region = [t for t in _turn_pairs(records.get("region")) if not grounded & set(re.findall(r"\[.*?\]", t[0]))]
+        caption = [r for r in captions if r["image"] == image]
+        turns = [t for r in old for t in _turn_pairs(r)] + _turn_pairs(records["grounding"]) + region
+        turns += _turn_pairs(records["absent"]) + _turn_pairs(caption[0])
         (together,) = [r for r in merged if r.get("image") == image]
-        assert together["question_type"] == "mixed" and len(separate) >= 3
-        turns = [(m["from"], m["value"].replace("<image>\n", "")) for r in separate for m in r["conversations"]]
-        assert [(m["from"], m["value"].replace("<image>\n", "")) for m in together["conversations"]] == turns
+        assert together["question_type"] == "mixed" and len(old) >= 3
+        assert _turn_pairs(together) == turns
         assert together["conversations"][0]["value"].startswith("<image>\n")
     assert [r for r in per_type if "image" not in r] == [r for r in merged if "image" not in r]  # text-only
     pairs = [[r for r in records if isinstance(r.get("image"), list)] for records in (per_type, merged)]
@@ -240,6 +268,12 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
         assert len(single["conversations"]) == 2 and len(every["conversations"]) > 2, every["id"]
     for name in ("qa_heldout.json", "captions_train.json", "regions_train.jsonl"):  # only train QA changes
         assert (tmp_path / "per_type" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes()
+
+
+def _turn_pairs(record: dict | None) -> list[tuple[str, str]]:
+    """A record's (question, answer) pairs, boxes written out, image lines dropped."""
+    turns = [] if record is None else [turn.replace("<image>\n", "") for turn in _with_boxes(record)]
+    return list(zip(turns[::2], turns[1::2], strict=True))
 
 
 def test_records_follow_the_data_contracts(world):
@@ -269,6 +303,9 @@ def test_records_follow_the_data_contracts(world):
             assert roles == ["human", "gpt"] * (len(roles) // 2), record["id"]
             counts = [m["value"].count("<image>") for m in record["conversations"]]
             assert counts == [len(images)] + [0] * (len(counts) - 1), record["id"]
+            width, height = Image.open(world / images[0]).size if images else (0, 0)
+            for x0, y0, x1, y1 in record.get("regions", []):  # pixel boxes of the record's one image
+                assert len(images) == 1 and 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, record["id"]
             if len(images) == 2:  # each image labelled with the ordinal its questions use, in order
                 assert record["conversations"][0]["value"].startswith("First image: <image>\nSecond image: <image>\n")
         assert {r["question_type"] for r in _load(world / info["qa"])} == ALL_TYPES, split
@@ -380,13 +417,13 @@ def test_every_answer_matches_the_pixels(world_name, templates, request):
             images = [images] if isinstance(images, str) else images
             scenes = [_parse_shapes(world / image) for image in images]
             words = [_read_word(world / image, templates) for image in images]
-            turns = record["conversations"]
+            turns = _with_boxes(record)
             for question, answer in zip(turns[::2], turns[1::2], strict=True):
-                text = _question(question["value"])
+                text = _question(question)
                 if record["question_type"] == "mixed" and question is turns[-2]:  # a merged record ends in a caption
-                    shape_first.add(_check_caption(answer["value"], scenes[0], words[0]))
+                    shape_first.add(_check_caption(answer, scenes[0], words[0]))
                 else:
-                    assert _answer(text, scenes, words) == answer["value"], (record["id"], text)
+                    assert _answer(text, scenes, words) == answer, (record["id"], text)
             checked.add(record["question_type"])
         for record in _load(world / f"captions_{split}.json"):
             image = world / record["image"]
@@ -425,6 +462,8 @@ def test_bad_arguments_fail_loudly():
         synthetic.build_split(0, "train", 8, WorldConfig(128, 128, word_grid=16, word_size=60))
     with pytest.raises(KeyError, match="colour"):
         question_turns(None, "color", None)
+    with pytest.raises(KeyError, match="grounding"):
+        region_question_turns(None, None, "ground", None)
     with pytest.raises(SystemExit):
         synthetic.main([])  # --out is required
     # 10 x 10 sums of two digits and 4 facts about shapes: 104 different questions, and asking for more says so
@@ -532,3 +571,28 @@ def test_real_qwen_presets_match_published_sizes(name, parameters, head_dim, qwe
     assert len(qwen) <= config.vocab_size
     assert config.eos_token_id == qwen.convert_tokens_to_ids("<|im_end|>")
     assert config.bos_token_id == qwen.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_written_at_boxes_hold_the_words_ink(typeset_world):
+    """ "What is written at <region>?" boxes the word's ink, in training and held out."""
+    asked = set()
+    for split in ("train", "heldout"):
+        for record in _load(typeset_world / f"qa_{split}.json"):
+            for question in _with_boxes(record)[::2]:
+                if m := re.search(r"What is written at (\[.*\])\?", question):
+                    x0, y0, x1, y1 = json.loads(m[1])
+                    ink_x0, ink_y0, ink_x1, ink_y1 = _bbox(
+                        np.asarray(Image.open(typeset_world / record["image"]).convert("RGB")).max(-1) < 100
+                    )
+                    assert x0 <= ink_x0 and ink_x1 <= x1 and y0 <= ink_y0 and ink_y1 <= y1, record["id"]
+                    asked.add(split)
+    assert asked == {"train", "heldout"}
+
+
+def test_absent_questions_are_balanced():
+    """POPE style: as many "Is there ...?" turns answered no as yes; "There is no <shape>." for missing shapes."""
+    records = synthetic.build_split(0, "heldout", 300).qa
+    answers = [m["value"] for r in records if r["question_type"] == "absent" for m in r["conversations"][1::2]]
+    yes, no, missing = answers.count("yes"), answers.count("no"), sum(a.startswith("There is no ") for a in answers)
+    assert yes + no + missing == len(answers) and missing > 50
+    assert abs(yes - no) < 0.15 * (yes + no), (yes, no)
