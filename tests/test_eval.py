@@ -12,6 +12,7 @@ from rice_mllm.data.synthetic import generate
 from rice_mllm.eval import EvalRecordError, eval_item, exact_match, main, normalize_answer, predict, score
 from rice_mllm.inference import load_for_inference
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, build_processor
+from rice_mllm.mllm.boxes import fill_regions
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
 from tests.fixtures import reference_reply, save_tiny_kit
@@ -21,7 +22,7 @@ MAX_NEW_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny-world QA file (11 records over 6 question types, text-only and two-image ones included) and a model."""
+    """A tiny-world QA file (22 records over 9 question types: text-only, two-image and region ones) and a model."""
     root = tmp_path_factory.mktemp("eval")
     generate(root / "world", seed=0, num_images=1, num_heldout=3)
     return root / "world" / "qa_heldout.json", save_tiny_kit(root / "kit")
@@ -87,16 +88,19 @@ def test_records_the_processor_refuses_are_named(world):
 
 
 def _reference_predictions(data_file, checkpoint):
-    """One-by-one greedy replies, prompts = each record's turns before its last, images opened with PIL here."""
+    """One-by-one greedy replies, prompts = each record's turns before its last (`<region>`s filled with the boxes'
+    texts), images opened with PIL here."""
     model = RiceMllmForConditionalGeneration.from_pretrained(checkpoint).eval()
     processor = RiceMllmProcessor.from_pretrained(checkpoint)
     roles = {"human": "user", "gpt": "assistant"}
     replies = []
     for record in json.loads(data_file.read_text()):
-        messages = [{"role": roles[turn["from"]], "content": turn["value"]} for turn in record["conversations"][:-1]]
+        messages = [{"role": roles[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
         paths = record.get("image", [])
         paths = [paths] if isinstance(paths, str) else paths
         images = [Image.open(data_file.parent / path).convert("RGB") for path in paths]
+        sizes = [(image.height, image.width) for image in images]
+        messages = fill_regions(messages, record.get("regions", []), sizes)[:-1]
         replies.append(reference_reply(model, processor, messages, images, MAX_NEW_TOKENS))
     return replies
 
@@ -107,8 +111,12 @@ def test_eval_command_reports_every_record_by_type(world, tmp_path, capsys):
     expected = _reference_predictions(data_file, checkpoint)
     # Even records get the model's own answer (case and punctuation changed) as reference: those, and only those
     # unless a random answer happens to equal the real one, must score as correct.
-    for index, (record, prediction) in enumerate(zip(records, expected, strict=True)):
-        if index % 2 == 0:
+    # Grounding answers ("<region>", a box) keep theirs: their box is the reference.
+    edited_ones = [
+        index % 2 == 0 and "<region>" not in r["conversations"][-1]["value"] for index, r in enumerate(records)
+    ]
+    for record, prediction, edit in zip(records, expected, edited_ones, strict=True):
+        if edit:
             record["conversations"][-1]["value"] = prediction.upper() + "."
     edited = data_file.parent / "qa_edited.json"
     edited.write_text(json.dumps(records))
@@ -121,8 +129,8 @@ def test_eval_command_reports_every_record_by_type(world, tmp_path, capsys):
     assert len(per_type) >= 5 and report["overall"]["count"] == len(records)
     assert [row["prediction"] for row in report["predictions"]] == expected  # left-padded batches = one by one
     originals = [record["conversations"][-1]["value"] for record in json.loads(data_file.read_text())]
-    pairs = enumerate(zip(expected, originals, strict=True))
-    correct = [index % 2 == 0 or prediction.lower() == original.lower() for index, (prediction, original) in pairs]
+    pairs = zip(edited_ones, expected, originals, strict=True)
+    correct = [edit or prediction.lower() == original.lower() for edit, prediction, original in pairs]
     assert [row["correct"] for row in report["predictions"]] == correct
     assert report["overall"]["correct"] == sum(correct)
     assert json.loads(report_file.read_text()) == report
@@ -143,7 +151,12 @@ def test_limit_takes_the_first_records(world):
 def test_blank_images_remove_what_the_images_show_and_their_size(world, tmp_path):
     data_file, checkpoint = world
     model, processor = load_for_inference(checkpoint, "cpu")
-    items = [eval_item(c) for c in load_conversations(data_file) if len(c.images) == 1][:4]
+    # One record per image, without boxes (another image's size would move a box's text).
+    first = {}
+    for conversation in load_conversations(data_file):
+        if len(conversation.images) == 1 and not conversation.regions:
+            first.setdefault(conversation.images[0], conversation)
+    items = [eval_item(c) for c in first.values()][:4]
     # The same questions over other images (of other sizes): each record gets the next record's image.
     shifted = [
         eval_item(Conversation(item.conversation.messages, nxt.conversation.images, "shifted", item.index, {}))
