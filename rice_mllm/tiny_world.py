@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m rice_mllm.tiny_world", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/tiny-world"), help="run folder")
     parser.add_argument("--images", type=int, default=3000, help="training images in the generated world")
-    parser.add_argument("--heldout", type=int, default=200, help="unseen images evaluated (about 5.6 questions each)")
+    parser.add_argument("--heldout", type=int, default=200, help="unseen images evaluated (about 8.6 questions each)")
     parser.add_argument("overrides", nargs="*", help="STAGE.key=value, e.g. stage2.optim.epochs=3")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
