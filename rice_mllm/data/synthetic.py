@@ -143,7 +143,9 @@ def _add_image(
     if merge_qa:
         # The caption goes last: placed first, the answers could be copied from it instead of read off the
         # image, which a held-out question (asked without a caption) does not allow. The region types come after
-        # the older ones, which are then trained in the context they had before.
+        # the older ones, which are then trained in the context they had before. Measured cost: they are never a first
+        # turn here but are asked first held out; the main job then often ends a grounding answer right after
+        # <|box_start|> (held-out grounding 6.5%, 32% with the image's colour/shape/reading turns before it).
         old = [(*turn, ()) for turns in turns_by_type.values() for turn in turns]
         merged = old + _merged_region_turns(region_turns) + [(*caption_turn, ())]
         turns_by_type, region_turns = {}, {"mixed": merged}
