@@ -142,12 +142,14 @@ def _add_image(
     region_turns = _region_turns_by_type(scene, _rng(seed, split, index, "regions"))
     if merge_qa:
         # The caption goes last: placed first, the answers could be copied from it instead of read off the
-        # image, which a held-out question (asked without a caption) does not allow. The region types come after
-        # the older ones, which are then trained in the context they had before. Measured cost: they are never a first
-        # turn here but are asked first held out; the main job then often ends a grounding answer right after
-        # <|box_start|> (held-out grounding 6.5%, 32% with the image's colour/shape/reading turns before it).
-        old = [(*turn, ()) for turns in turns_by_type.values() for turn in turns]
-        merged = old + _merged_region_turns(region_turns) + [(*caption_turn, ())]
+        # image, which a held-out question (asked without a caption) does not allow. The region turns go in at
+        # random places among the older ones (their own stream): held out they are asked first, and always placed
+        # after the older turns the main job ended grounding answers right after <|box_start|> (6.5% held out).
+        merged = [(*turn, ()) for turns in turns_by_type.values() for turn in turns]
+        order = _rng(seed, split, index, "region-order")
+        for turn in _merged_region_turns(region_turns):
+            merged.insert(order.randint(0, len(merged)), turn)
+        merged.append((*caption_turn, ()))
         turns_by_type, region_turns = {}, {"mixed": merged}
     for kind, turns in turns_by_type.items():
         records.qa.append(_record(f"{split}-{index:06d}-{kind}", path, turns, kind))
