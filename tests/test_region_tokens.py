@@ -19,8 +19,11 @@ from rice_mllm.mllm.modeling import RegionTokenMismatchError, RiceMllmForConditi
 from rice_mllm.mllm.processing import RiceMllmProcessor
 from rice_mllm.mllm.region_tokens import boxes_on_base_tile
 from rice_mllm.pretrain.region_head import box_patch_masks, encode_for_regions, region_attention
+from rice_mllm.serve.app import ServeOptions, create_app
+from rice_mllm.serve.cli import serving
 from rice_mllm.train.trainer import main as train_main
 from tests.fixtures import TINY_IMAGE_TOKEN_ID, tiny_mllm_config
+from tests.test_serve import NAME, _client, _image, _text, _together
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,14 +243,14 @@ def _region_records(folder: Path) -> Path:
     return path
 
 
-def test_a_model_with_region_tokens_trains_saves_and_answers_about_a_box(tmp_path):
-    data = _region_records(tmp_path)
-    args = [
+def _stage2_arguments(folder: Path) -> list[str]:
+    """Two stage-2 steps with region tokens on `_region_records`, from scratch."""
+    return [
         "--config",
         str(ROOT / "recipes" / "stage2_instruct.yaml"),
-        f"output_dir={tmp_path / 'run'}",
+        f"output_dir={folder / 'run'}",
         "data.tiny_world=null",
-        f"data.train_files=[{data}]",
+        f"data.train_files=[{_region_records(folder)}]",
         "data.template=chatml",
         "model.init_from=null",
         "model.region_tokens=true",
@@ -255,6 +258,11 @@ def test_a_model_with_region_tokens_trains_saves_and_answers_about_a_box(tmp_pat
         "optim.batch_size=2",
         "deepspeed=null",
     ]
+
+
+def test_a_model_with_region_tokens_trains_saves_and_answers_about_a_box(tmp_path):
+    args = _stage2_arguments(tmp_path)
+    data = tmp_path / "regions.json"
     train_main(args)
     model, processor = load_for_inference(tmp_path / "run", device="cpu")
     assert model.config.region_token_id == processor.region_token_id is not None
@@ -278,3 +286,25 @@ def test_a_model_with_region_tokens_trains_saves_and_answers_about_a_box(tmp_pat
     model, processor = load_for_inference(tmp_path / "lora", device="cpu")
     assert processor.region_token_id is not None
     assert isinstance(answer(model, processor, messages, [Image.open(tmp_path / "1.png")], max_new_tokens=3), str)
+
+
+def test_the_server_reads_boxes_in_text_as_chat_does(tmp_path):
+    """A request's box text brings its region token through the server's batched generate; a box-free request in
+    the same batch is answered as alone."""
+    train_main(_stage2_arguments(tmp_path))
+    model, processor = load_for_inference(tmp_path / "run", device="cpu")
+    images = [Image.open(tmp_path / f"{index}.png") for index in range(2)]
+    questions = [f"What colour is the shape at {BOX_A}?", "What colour is the shape?"]
+    expected = [
+        answer(model, processor, [{"role": "user", "content": f"<image>\n{question}"}], [image], max_new_tokens=4)
+        for question, image in zip(questions, images, strict=True)
+    ]
+    requests = [
+        {"messages": [{"role": "user", "content": [_image(image), _text(question)]}], "max_tokens": 4}
+        for question, image in zip(questions, images, strict=True)
+    ]
+    app = create_app(model, processor, ServeOptions(model_name=NAME, max_tokens=4, batch_wait_s=0.5))
+    with serving(app) as url:
+        replies = _together(_client(url), requests)
+    assert [reply.choices[0].message.content for reply in replies] == expected
+    assert sum(app.state.batcher.batch_sizes.values()) == 1  # both rows in one generate
