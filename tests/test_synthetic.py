@@ -245,20 +245,24 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
     synthetic.main(["--out", str(tmp_path / "merged"), *args, "--merge-train-qa"])
     per_type, merged = _load(tmp_path / "per_type/qa_train.json"), _load(tmp_path / "merged/qa_train.json")
     captions = _load(tmp_path / "per_type/captions_train.json")
+    region_early = 0
     for image in sorted({r["image"] for r in per_type if isinstance(r.get("image"), str)}):
-        # the separate records' turns in order, the region types' as grounding, region (less those about a box a
-        # grounding turn names), absent; then the image's caption record as the last turn
+        # the separate records' turns in order, then the image's caption record as the last turn; among them, in any
+        # order, the region types' grounding, region (less those about a box a grounding turn names) and absent turns
         records = {r["question_type"]: r for r in per_type if r.get("image") == image}
         old = [r for kind, r in records.items() if kind not in REGION_TYPES]
         grounded = {json.dumps(box) for box in records["grounding"]["regions"]}
         region = [t for t in _turn_pairs(records.get("region")) if not grounded & set(re.findall(r"\[.*?\]", t[0]))]
         caption = [r for r in captions if r["image"] == image]
-        turns = [t for r in old for t in _turn_pairs(r)] + _turn_pairs(records["grounding"]) + region
-        turns += _turn_pairs(records["absent"]) + _turn_pairs(caption[0])
+        region_turns = _turn_pairs(records["grounding"]) + region + _turn_pairs(records["absent"])
         (together,) = [r for r in merged if r.get("image") == image]
         assert together["question_type"] == "mixed" and len(old) >= 3
-        assert _turn_pairs(together) == turns
+        turns = _turn_pairs(together)
+        assert [t for t in turns if t not in region_turns] == [t for r in old + caption for t in _turn_pairs(r)]
+        assert sorted(t for t in turns if t in region_turns) == sorted(region_turns)
+        region_early += turns[0] in region_turns or turns[1] in region_turns
         assert together["conversations"][0]["value"].startswith("<image>\n")
+    assert region_early  # region turns stand anywhere, also at the start, where held-out questions stand
     assert [r for r in per_type if "image" not in r] == [r for r in merged if "image" not in r]  # text-only
     pairs = [[r for r in records if isinstance(r.get("image"), list)] for records in (per_type, merged)]
     # The first pair is drawn before any question is phrased; later ones follow the phrasing (see build_split).
