@@ -143,8 +143,8 @@ def _add_image(
     if merge_qa:
         # The caption goes last: placed first, the answers could be copied from it instead of read off the
         # image, which a held-out question (asked without a caption) does not allow. The region turns go in at
-        # random places among the older ones (their own stream): held out they are asked first, and always placed
-        # after the older turns the main job ended grounding answers right after <|box_start|> (6.5% held out).
+        # random places among the older ones (their own stream): held out they are asked first, so training must
+        # ask them early too (always last, grounding answers stopped right after <|box_start|>).
         merged = [(*turn, ()) for turns in turns_by_type.values() for turn in turns]
         order = _rng(seed, split, index, "region-order")
         for turn in _merged_region_turns(region_turns):
