@@ -42,7 +42,7 @@ WORLD = WorldConfig(
 # - Stage 0 runs 10 epochs (as many as the time budget allows) and weighs the OCR loss, which teaches each shape's
 #   box the words of its cell ("top left"), as much as the object loss: RICE-ViT has no absolute position embedding,
 #   so a token knows its place in the image only if a loss asks for it.
-# - Stage 2 keeps that encoder frozen: training it there did not help and cost more per step.
+# - Stage 2 keeps that encoder frozen (cheaper per step); `stage2.optional_parts=[vision]` trains it too.
 # - Images are one 96 px tile: 6x6 patches of 16 px, so each cell of the world's 3x3 grid is 2x2 patches, and every
 #   sample has the same layout (78 tokens). Stage 2 trains on one record per image, its questions then its caption;
 #   records of 30 to 340 tokens are batched by length (the stage-2 recipe).
