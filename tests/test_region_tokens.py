@@ -269,8 +269,10 @@ def test_a_model_with_region_tokens_trains_saves_and_answers_about_a_box(tmp_pat
     messages = [{"role": "user", "content": f"<image>\nWhat colour is the shape at {BOX_A}?"}]
     reply = answer(model, processor, messages, [Image.open(tmp_path / "0.png")], max_new_tokens=3)
     assert isinstance(reply, str)
-    with pytest.raises(ValueError, match="fixes them"):
-        train_main([*args, f"model.init_from={tmp_path / 'run'}", f"output_dir={tmp_path / 'again'}"])
+    again = [*args, f"model.init_from={tmp_path / 'run'}", f"output_dir={tmp_path / 'again'}"]
+    for setting in ("true", "false"):  # the checkpoint decides; either value given beside it is an error
+        with pytest.raises(ValueError, match="fixes them"):
+            train_main([*again, f"model.region_tokens={setting}"])
     lora = [  # LoRA on top: the adapters train on the same boxes, and the adapter checkpoint answers
         "--config",
         str(ROOT / "recipes" / "finetune_lora.yaml"),

@@ -83,7 +83,7 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
             "image_grid_pinpoints": m.image_grid_pinpoints,
             "max_tiles": m.max_tiles,
             "max_grid_tiles": m.max_grid_tiles,
-            "region_tokens": m.region_tokens or None,
+            "region_tokens": m.region_tokens,
         }
         if given := [f"model.{key}" for key, value in fixed.items() if value is not None]:
             raise ValueError(f"{given} set, but model.init_from={m.init_from} fixes them: drop them")
@@ -106,7 +106,7 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
         multi_image_tiling=m.multi_image_tiling,
         image_grid_pinpoints=m.image_grid_pinpoints,
         template=d.template,
-        region_tokens=m.region_tokens,
+        region_tokens=bool(m.region_tokens),
     )
 
 

@@ -33,8 +33,9 @@ class ModelConfig:
     max_grid_tiles: int | None = None  # token budget: OneVision's anyres_max_K
     # "base": the images of multi-image samples give their base tile only
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
-    # a <|region_pad|> token after each box of a user turn carries the box's RICE region feature (set at stage 1)
-    region_tokens: bool = False
+    # a <|region_pad|> token after each box of a user turn carries the box's RICE region feature (set at stage 1);
+    # null: off for a new model, the checkpoint's own with init_from
+    region_tokens: bool | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # the LLM's attention: "sdpa_per_sample" (packed rows attend per sample, any device), "flash_attention_2" (needs
     # flash-attn and bf16; padded batches only), "sdpa" (transformers' default: a packed row attends as a whole under
