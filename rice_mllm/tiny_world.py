@@ -79,7 +79,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "model.max_tiles": "1",
             "model.multi_image_tiling": "base",
             # RICE's point: a box in a question brings the encoder's own region feature (its region transformer over
-            # the box), not just its digits: region questions 96.5-100% held out, 68-73% with
+            # the box), not just its digits: region questions 98-99% held out, 72.5-73% with
             # `stage1.model.region_tokens=false` (boxes as text; git log has the runs).
             "model.region_tokens": "true",
             # ChatML beat the recipe's LLaVA plain here, same stage 0: 84.3% against 83.2% held out (git log has both)
