@@ -40,8 +40,9 @@ WORLD = WorldConfig(
 # - The tiny models start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and warms
 #   up over 10% of its steps.
 # - Stage 0 runs 10 epochs (as many as the time budget allows) and weighs the OCR loss, which teaches each shape's
-#   box the words of its cell ("top left"), as much as the object loss: RICE-ViT has no absolute position embedding,
-#   so a token knows its place in the image only if a loss asks for it.
+#   box the words of its cell ("top left"), as much as the object loss: RICE-ViT has no absolute position embedding.
+#   The region head can read the cell from its RoPE alone; `stage0.pretrain.rope_jitter=16` makes the tokens learn
+#   it (README, Status: better position and grounding answers, but binding failed in more runs).
 # - Stage 2 trains the encoder too (the recipe's optional part, at its fifth of the LLM's rate): 84-86% held out in
 #   three of four seeds (74% in one) against 77-83% frozen (3 seeds), for 11% more time; `stage2.optional_parts=[]`
 #   freezes it.

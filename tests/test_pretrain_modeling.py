@@ -15,6 +15,7 @@ from rice_mllm.presets import load_preset
 from rice_mllm.pretrain.clusters import LABEL_HASH_TEACHER, label_region_file
 from rice_mllm.pretrain.modeling import RegionPretrainConfig, RicePretrainModel
 from rice_mllm.pretrain.region_data import OCR, RegionDataset, collate_regions, patch_budget_size
+from rice_mllm.pretrain.region_head import box_patch_masks, encode_for_regions
 from rice_mllm.vision import RiceVisionConfig, RiceVisionModel
 
 
@@ -78,6 +79,26 @@ def test_images_of_other_aspect_ratios_in_one_batch_equal_each_image_alone(tmp_p
         for i, sample in enumerate(samples):
             alone = model.region_embeddings(sample["pixel_values"][None], sample["boxes"][None])
             torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_rope_jitter_moves_the_region_heads_origin_in_training_only(batch):
+    model = _model(rope_jitter=3)
+    pixels, boxes = batch["pixel_values"], batch["boxes"]
+    masks = box_patch_masks(boxes, (4, 4), 14)
+    with torch.no_grad():
+        at_origin = {}
+        for origin in [(row, col) for row in range(4) for col in range(4)]:
+            tokens, angles = encode_for_regions(model.encoder, pixels, origin)
+            at_origin[origin] = model.region_head(tokens, masks, angles)
+        model.eval()
+        torch.testing.assert_close(model.region_embeddings(pixels, boxes), at_origin[(0, 0)], rtol=0, atol=0)
+        model.train()
+        torch.manual_seed(0)
+        drawn = []
+        for _ in range(12):
+            got = model.region_embeddings(pixels, boxes)
+            drawn += [origin for origin, expected in at_origin.items() if torch.equal(got, expected)]
+    assert len(drawn) == 12 and len(set(drawn)) > 3  # every draw is one origin of [0, 3]^2, and they vary
 
 
 def test_loss_decreases_on_a_fixed_batch(batch):

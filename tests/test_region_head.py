@@ -55,15 +55,17 @@ def test_mean_region_features_with_and_without_cls():
     torch.testing.assert_close(mean_region_features(with_cls, masks)[0], expected)
 
 
-def _reference_region_features(mlcd: MLCDVisionModel, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def _reference_region_features(
+    mlcd: MLCDVisionModel, pixels: torch.Tensor, masks: torch.Tensor, origin: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
     """Written from DESIGN.md section 4 on transformers' MLCD, one image, head and region at a time: post_layernorm
-    on every token; CLS as the query; MLCD's own rotary cos/sin on the patch keys and values; softmax over the
-    region's patches; heads concatenated."""
+    on every token; CLS as the query; MLCD's own rotary cos/sin on the patch keys and values, at patch positions
+    counted from `origin`; softmax over the region's patches; heads concatenated."""
     config = mlcd.config
     heads, width = config.num_attention_heads, config.hidden_size
     head_dim = width // heads
     rows, cols = pixels.shape[-2] // config.patch_size, pixels.shape[-1] // config.patch_size
-    positions = torch.tensor([[r, c] for r in range(rows) for c in range(cols)])
+    positions = torch.tensor([[origin[0] + r, origin[1] + c] for r in range(rows) for c in range(cols)])
     cos, sin = mlcd.vision_rotary_embedding(pixels, positions)  # [HW, head_dim] each
     norm = mlcd.post_layernorm
     out = torch.zeros(pixels.shape[0], masks.shape[1], width, dtype=torch.float64)
@@ -94,12 +96,15 @@ def test_region_transformer_equals_a_per_region_loop_on_a_non_square_grid():
     pixels = torch.randn(2, 3, 42, 70, dtype=torch.float64)  # 3x5 patches
     boxes = torch.tensor([[[0, 0, 70, 42], [14, 0, 42, 28], [60, 30, 62, 33]]] * 2, dtype=torch.float64)
     masks = box_patch_masks(boxes, (3, 5), 14)
-    with torch.no_grad():
-        tokens, angles = encode_for_regions(encoder, pixels)
-        got = region_attention(tokens, masks, angles, config.num_attention_heads)
-        expected = _reference_region_features(mlcd, pixels, masks)
-    # Both sides rotate in fp32, as the released encoder does: agreement to fp32 precision, not fp64.
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for origin in [(0, 0), (2, 5)]:  # (2, 5): the region head's RoPE moved, as stage 0's jitter does
+        with torch.no_grad():
+            tokens, angles = encode_for_regions(encoder, pixels, origin)
+            got = region_attention(tokens, masks, angles, config.num_attention_heads)
+            expected = _reference_region_features(mlcd, pixels, masks, origin)
+        # Both sides rotate in fp32, as the released encoder does: agreement to fp32 precision, not fp64.
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    tokens, angles = encode_for_regions(encoder, pixels)
+    assert not torch.allclose(got, region_attention(tokens, masks, angles, config.num_attention_heads))
 
 
 def test_one_encoder_pass_serves_every_region_and_a_region_sees_only_its_tokens():

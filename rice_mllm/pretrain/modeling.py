@@ -31,6 +31,12 @@ class RegionLossSettings:
         sample_ratio, ocr_sample_ratio: PartialFC rho (share of class centres scored per step) of the object and OCR
             losses.
         ocr_loss_weight: weight of the OCR loss in the total.
+        rope_jitter: in training, the region transformer's RoPE puts the top-left patch at a random (row, column) in
+            [0, rope_jitter]^2, drawn per batch; 0 (the paper) puts it at (0, 0). The head rotates its values by each
+            patch's position, so it reads where a region is from the rotation alone: a label that depends on the
+            place (the tiny world's cell names) is then learnt by the head, not by the encoder's tokens the LLM
+            reads. Jitter makes the absolute phase meaningless, so only the tokens can carry it; the encoder's own
+            RoPE is relative and untouched, and inference uses (0, 0).
     """
 
     embed_dim: int | None = None
@@ -39,6 +45,7 @@ class RegionLossSettings:
     sample_ratio: float = 0.1
     ocr_sample_ratio: float = 0.1
     ocr_loss_weight: float = 1.0
+    rope_jitter: int = 0
 
 
 @dataclass(kw_only=True)
@@ -145,10 +152,12 @@ class RicePretrainModel(nn.Module):
         if image_sizes is None:
             image_sizes = torch.tensor([pixel_values.shape[-2:]], device=boxes.device).expand(len(boxes), 2)
         patch = self.encoder.config.patch_size
+        jitter = self.config.rope_jitter if self.training else 0
+        origin = tuple(torch.randint(0, jitter + 1, (2,)).tolist()) if jitter else (0, 0)
         order, parts = [], []
         for size in torch.unique(image_sizes, dim=0).tolist():
             index = (image_sizes == torch.tensor(size, device=image_sizes.device)).all(dim=1).nonzero().flatten()
-            tokens, angles = encode_for_regions(self.encoder, pixel_values[index, :, : size[0], : size[1]])
+            tokens, angles = encode_for_regions(self.encoder, pixel_values[index, :, : size[0], : size[1]], origin)
             masks = box_patch_masks(boxes[index], (size[0] // patch, size[1] // patch), patch)  # [b, N, HW]
             parts.append(self.region_head(tokens, masks, angles))  # [b, N, E]
             order.append(index)

@@ -87,22 +87,25 @@ def region_attention(
     return context * visible[..., None].to(context.dtype)
 
 
-def encode_for_regions(encoder: RiceVisionModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One encoder forward, then what the region transformer reads (`region_inputs`).
+def encode_for_regions(
+    encoder: RiceVisionModel, pixel_values: torch.Tensor, origin: tuple[int, int] = (0, 0)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One encoder forward, then what the region transformer reads (`region_inputs`, with its `origin`).
 
     Returns:
         tokens [B, 1+HW, D], patch_angles [HW, head_dim/2].
     """
     hidden = encoder(pixel_values).last_hidden_state  # [B, 1+HW, D]
     patch = encoder.config.patch_size
-    return region_inputs(encoder, hidden, (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch))
+    return region_inputs(encoder, hidden, (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch), origin)
 
 
 def region_inputs(
-    encoder: RiceVisionModel, last_hidden_state: torch.Tensor, grid: tuple[int, int]
+    encoder: RiceVisionModel, last_hidden_state: torch.Tensor, grid: tuple[int, int], origin: tuple[int, int] = (0, 0)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the region transformer reads from an encoder pass already made: `post_layernorm` of every token of the
-    last block's output [B, 1+HW, D], and the patches' RoPE angles at the (h, w) patch grid."""
+    last block's output [B, 1+HW, D], and the patches' RoPE angles at the (h, w) patch grid whose top-left patch sits
+    at `origin` ((0, 0) but under stage 0's RoPE jitter; the encoder's own pass always starts at (0, 0))."""
     config, body = encoder.config, encoder.vision_model
     angles = axial_rope_angles(
         grid[0],
@@ -110,6 +113,7 @@ def region_inputs(
         config.hidden_size // config.num_attention_heads,
         float(config.rope_parameters["rope_theta"]),
         body.class_pos_emb,
+        origin,
     )
     return body.post_layernorm(last_hidden_state), angles[1:]
 

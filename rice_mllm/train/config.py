@@ -59,7 +59,8 @@ class DataConfig:
 @dataclass
 class PretrainConfig(RegionLossSettings):
     """Stage 0 only (`stage: stage0_pretrain`): region labelling and sampling, plus the head and loss settings it
-    inherits (embed_dim, scale, margin, sample_ratio, ocr_sample_ratio, ocr_loss_weight; DESIGN.md section 4)."""
+    inherits (embed_dim, scale, margin, sample_ratio, ocr_sample_ratio, ocr_loss_weight, rope_jitter; DESIGN.md
+    section 4)."""
 
     teacher: str | None = None  # label the region file first: "label-hash" (tiny world) or an encoder dir; None: done
     num_clusters: int | None = None  # K; None: #distinct labels (label-hash) or max "cluster" + 1 (labelled files)

@@ -31,7 +31,12 @@ except ImportError:
 
 
 def axial_rope_angles(
-    num_rows: int, num_cols: int, head_dim: int, theta: float, class_angles: torch.Tensor
+    num_rows: int,
+    num_cols: int,
+    head_dim: int,
+    theta: float,
+    class_angles: torch.Tensor,
+    origin: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """Rotation angles of every token for 2D RoPE, CLS first.
 
@@ -43,6 +48,7 @@ def axial_rope_angles(
         head_dim: per-head width.
         theta: RoPE base.
         class_angles: [1, head_dim/2] learned CLS angles.
+        origin: (row, column) position of the top-left patch: (0, 0) as released; stage 0's RoPE jitter moves it.
 
     Returns:
         [1 + rows*cols, head_dim/2] angles in fp32.
@@ -50,8 +56,9 @@ def axial_rope_angles(
     device = class_angles.device
     quarter = head_dim // 4
     inv_freq = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) * 4 / head_dim)
-    row_angles = torch.arange(num_rows, device=device, dtype=torch.float32)[:, None] * inv_freq  # [H, q]
-    col_angles = torch.arange(num_cols, device=device, dtype=torch.float32)[:, None] * inv_freq  # [W, q]
+    rows = torch.arange(num_rows, device=device, dtype=torch.float32) + origin[0]
+    cols = torch.arange(num_cols, device=device, dtype=torch.float32) + origin[1]
+    row_angles, col_angles = rows[:, None] * inv_freq, cols[:, None] * inv_freq  # [H, q], [W, q]
     grid = torch.cat(
         [row_angles[:, None, :].expand(-1, num_cols, -1), col_angles[None, :, :].expand(num_rows, -1, -1)], dim=-1
     ).reshape(num_rows * num_cols, 2 * quarter)  # [H*W, head_dim/2]
