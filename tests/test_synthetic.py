@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from rice_mllm.data import synthetic
 from rice_mllm.data.synthetic_regions import region_question_turns
-from rice_mllm.data.synthetic_scene import WORDS, WorldConfig
+from rice_mllm.data.synthetic_scene import COLOURS, SHAPES, WORDS, WorldConfig
 from rice_mllm.data.synthetic_text import question_turns, text_only_turns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,24 +245,41 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
     synthetic.main(["--out", str(tmp_path / "merged"), *args, "--merge-train-qa"])
     per_type, merged = _load(tmp_path / "per_type/qa_train.json"), _load(tmp_path / "merged/qa_train.json")
     captions = _load(tmp_path / "per_type/captions_train.json")
-    region_early = 0
+    labels = {
+        r["image"]: [obj["label"] for obj in r["objects"]]
+        for r in map(json.loads, (tmp_path / "merged/regions_train.jsonl").read_text().splitlines())
+    }
+    region_early = extended = 0
     for image in sorted({r["image"] for r in per_type if isinstance(r.get("image"), str)}):
-        # the separate records' turns in order, then the image's caption record as the last turn; among them, in any
-        # order, the region types' grounding, region (less those about a box a grounding turn names) and absent turns
+        # the separate records' turns in order (colour and shape ones extended to every object they can ask about),
+        # then the image's caption record as the last turn; among them, in any order, the region types' grounding,
+        # region (less those about a box a grounding turn names) and absent turns
         records = {r["question_type"]: r for r in per_type if r.get("image") == image}
         old = [r for kind, r in records.items() if kind not in REGION_TYPES]
         grounded = {json.dumps(box) for box in records["grounding"]["regions"]}
         region = [t for t in _turn_pairs(records.get("region")) if not grounded & set(re.findall(r"\[.*?\]", t[0]))]
-        caption = [r for r in captions if r["image"] == image]
+        (caption,) = [r for r in captions if r["image"] == image]
         region_turns = _turn_pairs(records["grounding"]) + region + _turn_pairs(records["absent"])
         (together,) = [r for r in merged if r.get("image") == image]
         assert together["question_type"] == "mixed" and len(old) >= 3
         turns = _turn_pairs(together)
-        assert [t for t in turns if t not in region_turns] == [t for r in old + caption for t in _turn_pairs(r)]
+        rest = [t for t in turns if t not in region_turns]
+        assert rest[-1:] == _turn_pairs(caption)
+        for record in old:
+            asked = _turn_pairs(record)
+            assert rest[: len(asked)] == asked
+            if record["question_type"] in synthetic.BINDING_TYPES:
+                every = _every_binding_turn(record["question_type"], labels[image])
+                extended += len(every) > len(asked)
+                asked = rest[: len(every)]
+                assert sorted(_binding_pairs(asked)) == every
+            rest = rest[len(asked) :]
+        assert rest == _turn_pairs(caption)
         assert sorted(t for t in turns if t in region_turns) == sorted(region_turns)
         region_early += turns[0] in region_turns or turns[1] in region_turns
         assert together["conversations"][0]["value"].startswith("<image>\n")
     assert region_early  # region turns stand anywhere, also at the start, where held-out questions stand
+    assert extended  # some colour or shape record asked fewer than all, and merging asked the rest
     assert [r for r in per_type if "image" not in r] == [r for r in merged if "image" not in r]  # text-only
     pairs = [[r for r in records if isinstance(r.get("image"), list)] for records in (per_type, merged)]
     # The first pair is drawn before any question is phrased; later ones follow the phrasing (see build_split).
@@ -272,6 +289,22 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
         assert len(single["conversations"]) == 2 and len(every["conversations"]) > 2, every["id"]
     for name in ("qa_heldout.json", "captions_train.json", "regions_train.jsonl"):  # only train QA changes
         assert (tmp_path / "per_type" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes()
+
+
+def _every_binding_turn(kind: str, labels: list[str]) -> list[tuple[str, str]]:
+    """(asked-by word, answer) of every `kind` question the labels ("red circle") allow: an object's colour by its
+    shape when no other object has that shape, its shape by its colour likewise."""
+    pairs = [label.split() for label in labels]
+    if kind == "colour":
+        pairs = [(shape, colour) for colour, shape in pairs]
+    keys = [key for key, _ in pairs]
+    return sorted((key, answer) for key, answer in pairs if keys.count(key) == 1)
+
+
+def _binding_pairs(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(asked-by word, answer) of colour or shape turns: the shape or colour word the question names."""
+    vocabulary = set(SHAPES) | set(COLOURS)
+    return [(next(w for w in re.findall(r"\w+", question) if w in vocabulary), answer) for question, answer in turns]
 
 
 def _turn_pairs(record: dict | None) -> list[tuple[str, str]]:

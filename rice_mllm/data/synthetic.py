@@ -45,13 +45,16 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
 # Bumped whenever the same arguments would give different files, so that `reuse_existing` regenerates a world an older
 # generator wrote instead of training on its stale text (git history has what each version changed).
-GENERATOR_VERSION = 12
+GENERATOR_VERSION = 13
 # Text-only and two-image records per image of the split, rounded up. Text records ask TEXT_ONLY_TURNS different
 # questions each: held-out sums wanted more records, not longer ones. The held-out split holds more of both, so their
 # accuracy is known to a few points. The fractions were tuned on the main job (git history has the runs).
 TEXT_ONLY_FRACTION = {"train": 0.2, "heldout": 0.5}
 TEXT_ONLY_TURNS = 3
 TWO_IMAGE_FRACTION = {"train": 0.4, "heldout": 0.5}
+# Question types that find an object by one attribute and name another. Merged training records ask them about every
+# object they can: asked once or twice a record, the tiny LLM learnt one lookup direction in only some runs.
+BINDING_TYPES: tuple[str, ...] = ("colour", "shape")
 
 
 def split_files(split: str) -> dict[str, str]:
@@ -99,9 +102,9 @@ def build_split(
         config: scene sampler knobs.
         qa_per_image: QA records per image, each of a different question type (fewer if the scene supports fewer).
         merge_qa: write an image's QA turns and then its caption as one multi-turn record (question_type "mixed")
-            instead of one record per type, and ask every question of a pair. For training: the image's tokens,
-            most of a sample, are then paid once for all its questions, and the caption names every object's
-            colour, shape and place.
+            instead of one record per type, and ask every question of a pair and of the BINDING_TYPES. For
+            training: the image's tokens, most of a sample, are then paid once for all its questions, and the
+            caption names every object's colour, shape and place.
         two_image_fraction: two-image records per image; None: the split's TWO_IMAGE_FRACTION.
 
     Returns:
@@ -137,7 +140,7 @@ def _add_image(
     # Its own stream, so the phrasing choice leaves the questions as they were.
     caption_turn = (prompt, caption(scene, shape_first=_rng(seed, split, index, "caption").random() < 0.5))
     records.captions.append(_record(f"{split}-{index:06d}-caption", path, [caption_turn]))
-    turns_by_type = _question_turns_by_type(scene, rng, qa_per_image)
+    turns_by_type = _question_turns_by_type(scene, rng, qa_per_image, every_binding_turn=merge_qa)
     # Their own stream, so the older types' records stay as they were.
     region_turns = _region_turns_by_type(scene, _rng(seed, split, index, "regions"))
     if merge_qa:
@@ -158,10 +161,14 @@ def _add_image(
         records.qa.append(_record(f"{split}-{index:06d}-{kind}", path, plain, kind, regions))
 
 
-def _question_turns_by_type(scene: Scene, rng: random.Random, qa_per_image: int) -> dict[str, list[Turn]]:
-    """Turns of up to `qa_per_image` different question types the scene supports, the types in random order."""
+def _question_turns_by_type(
+    scene: Scene, rng: random.Random, qa_per_image: int, every_binding_turn: bool
+) -> dict[str, list[Turn]]:
+    """Turns of up to `qa_per_image` different question types the scene supports, the types in random order; with
+    `every_binding_turn`, every turn of the BINDING_TYPES among them."""
     kinds = supported_question_types(scene)
-    return {kind: question_turns(scene, kind, rng) for kind in rng.sample(kinds, min(qa_per_image, len(kinds)))}
+    chosen = rng.sample(kinds, min(qa_per_image, len(kinds)))
+    return {kind: question_turns(scene, kind, rng, every_binding_turn and kind in BINDING_TYPES) for kind in chosen}
 
 
 def _region_turns_by_type(scene: Scene, rng: random.Random) -> dict[str, list[RegionTurn]]:

@@ -120,13 +120,15 @@ _TURN_MAKERS: dict[str, Callable[[Scene, random.Random], list[Turn]]] = {
 }
 
 
-def question_turns(scene: Scene, question_type: str, rng: random.Random) -> list[Turn]:
+def question_turns(scene: Scene, question_type: str, rng: random.Random, every_turn: bool = False) -> list[Turn]:
     """Question-answer turns of one type about a scene: one turn, or with probability 0.3 up to three.
 
     Args:
         scene: the scene asked about.
         question_type: one of IMAGE_QUESTION_TYPES.
         rng: source of the template, target and turn-count choices.
+        every_turn: return every turn the scene supports, shuffled, instead of the first one to three. The same
+            draws are made either way, so the stream after this call does not depend on it.
 
     Returns:
         Turns in asking order; empty when the scene cannot support the type (e.g. "reading" without a word,
@@ -137,7 +139,7 @@ def question_turns(scene: Scene, question_type: str, rng: random.Random) -> list
     turns = _TURN_MAKERS[question_type](scene, rng)
     rng.shuffle(turns)
     num_turns = rng.randint(2, MAX_TURNS) if rng.random() < MULTI_TURN_PROB else 1
-    return turns[:num_turns]
+    return turns if every_turn else turns[:num_turns]
 
 
 def supported_question_types(scene: Scene) -> list[str]:
