@@ -35,6 +35,7 @@ from bench_common import build_kit, make_chats
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, assemble_model, build_processor
 from rice_mllm.serve.batching import MAX_PADDING, WAIT_S
 from rice_mllm.serve.images import image_data_url
+from rice_mllm.tiny_world import ENCODER, PLAN
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = {"one at a time": 1, "batched": 16}
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 def _tiny_world_kit(seed: int):
-    """A random model of the tiny world's architecture: its stage-0 encoder preset, qwen2.5-tiny, one tile per image."""
+    """A random model of the tiny world's architecture (its plan's encoder and LLM presets), one tile per image."""
     processor = build_processor(TINY_TOKENIZER, tile_size=96, patch_size=16, max_tiles=1, multi_image_tiling="base")
     torch.manual_seed(seed)
-    return assemble_model("rice-vit-tiny-world-p16", "qwen2.5-tiny", processor), processor
+    return assemble_model(ENCODER, PLAN["stage1"][1]["model.llm"], processor), processor
 
 
 def _start_server(directory: Path, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
