@@ -1,0 +1,151 @@
+"""Why a tiny-world model's grounding answers miss: where wrong boxes land, whether boxes follow an object's place
+within its cell of the world's 3x3 grid, and whether the tokens the LLM reads hold that place.
+
+    python scripts/grounding_report.py outputs/tiny-world      # a `python -m rice_mllm.tiny_world` run folder
+
+Reads the run's eval.json (held-out predictions), data/qa_heldout.json, data/regions_heldout.jsonl and its stage-2
+model. Prints:
+- misses by kind: a box on another object (its centre inside that object's box), on nothing, or on the right object
+  with IoU < 0.5;
+- for answers on the right object, the correlation of predicted and true box centres within the cell (near 0: the
+  model writes one box per cell, whatever the object's place in it);
+- the held-out R^2 of a ridge probe reading an object's centre within its cell and its size from the projected
+  base-tile tokens of that cell (the LLM's input): high R^2 with low correlation above means the LLM does not read
+  what its input holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from rice_mllm.checkpoint_layout import resolve_model_dir
+from rice_mllm.inference import load_for_inference
+from rice_mllm.mllm.boxes import box_to_pixels, parse_boxes
+
+GRID = 3  # the tiny world's 3x3 grid of places ("top left" ...)
+
+
+def _centre(box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def _inside(point, box) -> bool:
+    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+
+def grounding_answers(run: Path) -> list[dict]:
+    """Each held-out grounding answer: its image's objects, the true and the predicted pixel box (None: no box)."""
+    report = json.loads((run / "eval.json").read_text())
+    records = json.loads((run / "data/qa_heldout.json").read_text())
+    regions = [json.loads(line) for line in (run / "data/regions_heldout.jsonl").read_text().splitlines()]
+    objects = {r["image"]: r["objects"] for r in regions}
+    answers = []
+    for prediction in report["predictions"]:
+        if prediction["question_type"] != "grounding":
+            continue
+        record = records[prediction["index"]]
+        size = Image.open(run / "data" / record["image"]).size[::-1]  # (height, width)
+        boxes = parse_boxes(prediction["prediction"])
+        answers.append(
+            {
+                "size": size,
+                "objects": objects[record["image"]],
+                "truth": box_to_pixels(parse_boxes(prediction["reference"])[0], size),
+                "box": box_to_pixels(boxes[0], size) if boxes else None,
+                "correct": prediction["correct"],
+            }
+        )
+    return answers
+
+
+def miss_kinds(answers: list[dict]) -> Counter:
+    kinds = Counter()
+    for answer in answers:
+        if answer["correct"]:
+            continue
+        if answer["box"] is None:
+            kinds["no box"] += 1
+            continue
+        hit = [o["box"] for o in answer["objects"] if _inside(_centre(answer["box"]), o["box"])]
+        if not hit:
+            kinds["on nothing"] += 1
+        elif list(answer["truth"]) in hit:
+            kinds["right object, IoU < 0.5"] += 1
+        else:
+            kinds["another object"] += 1
+    return kinds
+
+
+def centre_correlation(answers: list[dict]) -> tuple[float, float, int]:
+    """Correlation (across, down) of predicted and true centres within the cell, over answers on the right object."""
+    on_target = [a for a in answers if a["box"] is not None and _inside(_centre(a["truth"]), a["box"])]
+    correlations = []
+    for axis in (0, 1):
+        cell = [a["size"][1 - axis] / GRID for a in on_target]
+        truth = [_centre(a["truth"])[axis] % c for a, c in zip(on_target, cell, strict=True)]
+        predicted = [_centre(a["box"])[axis] % c for a, c in zip(on_target, cell, strict=True)]
+        correlations.append(statistics.correlation(truth, predicted))
+    return correlations[0], correlations[1], len(on_target)
+
+
+def probe_r2(run: Path, ridge: float = 10.0, train_fraction: float = 0.75) -> list[float]:
+    """Held-out R^2 of a ridge regression from the cell's projected base-tile tokens to (centre x, centre y in the
+    cell, width, height), objects of the first images training it, the others testing it."""
+    model, processor = load_for_inference(resolve_model_dir(run / "stage2_instruct"), device="cpu")
+    regions = [json.loads(line) for line in (run / "data/regions_heldout.jsonl").read_text().splitlines()]
+    n = model.geometry.tile_features  # tokens per side of a tile
+    features, targets = [], []
+    with torch.no_grad():
+        for record in regions:
+            image = Image.open(run / "data" / record["image"]).convert("RGB")
+            inputs = processor.image_processor([image])
+            tokens = model.image_features(inputs["pixel_values"], inputs["image_sizes"])[: n * n].view(n, n, -1)
+            patch, cell = image.width / n, image.width / GRID
+            for obj in record["objects"]:
+                cx, cy = _centre(obj["box"])
+                row, col = int(cy // cell), int(cx // cell)
+                rows = slice(round(row * cell / patch), round((row + 1) * cell / patch))
+                cols = slice(round(col * cell / patch), round((col + 1) * cell / patch))
+                features.append(tokens[rows, cols].reshape(-1))
+                x0, y0, x1, y1 = obj["box"]
+                targets.append([cx % cell, cy % cell, x1 - x0, y1 - y0])
+    x, y = torch.stack(features).double(), torch.tensor(targets, dtype=torch.float64)
+    split = int(train_fraction * len(x))
+    mean, std = x[:split].mean(0), x[:split].std(0) + 1e-6
+    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(x[:split].T @ x[:split] + ridge * eye, x[:split].T @ y[:split])
+    error = x[split:] @ weights - y[split:]
+    return (1 - error.pow(2).mean(0) / y[split:].var(0)).tolist()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a `python -m rice_mllm.tiny_world` run folder")
+    args = parser.parse_args(argv)
+    answers = grounding_answers(args.run)
+    kinds = miss_kinds(answers)
+    across, down, on_target = centre_correlation(answers)
+    r2 = probe_r2(args.run)
+    right = sum(a["correct"] for a in answers)
+    print(f"grounding: {right} of {len(answers)} right (IoU >= 0.5); misses: {dict(kinds)}")
+    print(
+        f"centre within the cell, predicted vs true ({on_target} answers on the right object): "
+        f"correlation {across:.2f} across, {down:.2f} down"
+    )
+    print(
+        "ridge probe on the cell's projected tokens, held-out R^2: "
+        + ", ".join(f"{name} {value:.2f}" for name, value in zip(("x", "y", "width", "height"), r2, strict=True))
+    )
+    return {"right": right, "misses": dict(kinds), "centre_correlation": [across, down], "probe_r2": r2}
+
+
+if __name__ == "__main__":
+    main()

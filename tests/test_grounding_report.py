@@ -1,0 +1,38 @@
+"""scripts/grounding_report.py: misses sorted by where the box lands, and box centres compared within their cell."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+REPORT = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "grounding_report.py"))
+SIZE = (96, 96)  # (height, width): cells of 32 px
+OBJECTS = [{"box": [4, 4, 24, 24]}, {"box": [40, 40, 60, 60]}]
+
+
+def _answer(truth, box, correct=False):
+    return {"size": SIZE, "objects": OBJECTS, "truth": tuple(truth), "box": box and tuple(box), "correct": correct}
+
+
+def test_misses_are_sorted_by_where_the_box_lands():
+    answers = [
+        _answer([4, 4, 24, 24], [5, 5, 24, 24], correct=True),
+        _answer([4, 4, 24, 24], None),
+        _answer([4, 4, 24, 24], [42, 42, 58, 58]),  # centre (50, 50): inside the other object
+        _answer([4, 4, 24, 24], [70, 70, 90, 90]),  # centre (80, 80): inside no object
+        _answer([4, 4, 24, 24], [0, 0, 30, 12]),  # centre (15, 6): the right object, IoU 160 / 600
+        _answer([40, 40, 60, 60], [10, 10, 18, 18]),  # centre (14, 14): inside the other object
+    ]
+    kinds = REPORT["miss_kinds"](answers)
+    assert kinds == {"no box": 1, "another object": 2, "on nothing": 1, "right object, IoU < 0.5": 1}
+
+
+def test_centres_are_compared_within_their_cell():
+    # true centres 10, 14, 18 px into three different cells, both ways; predicted ones (each box holds its true
+    # centre) at 9, 16, 17 px across, correlation by hand 32 / sqrt(32 * 38), and 18, 14, 10 down, correlation -1
+    truths = [(0, 0, 20, 20), (36, 36, 56, 56), (72, 8, 92, 28)]  # centres (10, 10), (46, 46), (82, 18)
+    boxes = [(0, 9, 18, 27), (39, 37, 57, 55), (72, 1, 90, 19)]  # centres (9, 18), (48, 46), (81, 10)
+    answers = [_answer(t, b) for t, b in zip(truths, boxes, strict=True)]
+    across, down, count = REPORT["centre_correlation"](answers)
+    assert count == 3
+    assert across == pytest.approx(32 / (32 * 38) ** 0.5) and down == pytest.approx(-1.0)
