@@ -66,6 +66,7 @@ def grounding_answers(run: Path) -> list[dict]:
 
 
 def miss_kinds(answers: list[dict]) -> Counter:
+    """Wrong answers by where the predicted box's centre lands: another object, no object, or the right one."""
     kinds = Counter()
     for answer in answers:
         if answer["correct"]:
