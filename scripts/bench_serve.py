@@ -33,6 +33,7 @@ import torch
 from bench_common import build_kit, make_chats
 
 from rice_mllm.mllm.assembly import TINY_TOKENIZER, assemble_model, build_processor
+from rice_mllm.presets import load_preset
 from rice_mllm.serve.batching import MAX_PADDING, WAIT_S
 from rice_mllm.serve.images import image_data_url
 from rice_mllm.tiny_world import ENCODER, PLAN
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 def _tiny_world_kit(seed: int):
     """A random model of the tiny world's architecture (its plan's encoder and LLM presets), one tile per image."""
-    processor = build_processor(TINY_TOKENIZER, tile_size=96, patch_size=16, max_tiles=1, multi_image_tiling="base")
+    encoder = load_preset(ENCODER)
+    processor = build_processor(
+        TINY_TOKENIZER, encoder["image_size"], encoder["patch_size"], max_tiles=1, multi_image_tiling="base"
+    )
     torch.manual_seed(seed)
     return assemble_model(ENCODER, PLAN["stage1"][1]["model.llm"], processor), processor
 

@@ -26,10 +26,11 @@ import torch
 from PIL import Image
 
 from rice_mllm.checkpoint_layout import resolve_model_dir
+from rice_mllm.data.synthetic_scene import POSITIONS
 from rice_mllm.inference import load_for_inference
 from rice_mllm.mllm.boxes import box_to_pixels, parse_boxes
 
-GRID = 3  # the tiny world's 3x3 grid of places ("top left" ...)
+GRID = len(POSITIONS)  # the tiny world's 3x3 grid of places ("top left" ...)
 
 
 def _centre(box) -> tuple[float, float]:
