@@ -52,6 +52,9 @@ WORLD = WorldConfig(
 # - Images are one 96 px tile: 6x6 patches of 16 px, so each cell of the world's 3x3 grid is 2x2 patches, and every
 #   sample has the same layout (78 tokens). Stage 2 trains on one record per image, its questions then its caption;
 #   records of 30 to 340 tokens are batched by length (the stage-2 recipe).
+# - Stage 2 takes batches of 8 records: twice the updates of batches of 16 at the same tokens/s, which the LLM,
+#   learning from scratch, needs more than a smoother gradient (4 seeds: 85.4-92.4% held out against 84.5-91.8%,
+#   grounding and binding gain most). Five epochs of 8 (the old step count, half the time) cost 13-21 points.
 # - The two images of a pair give their base tile only (`multi_image_tiling="base"`, as LLaVA-NeXT's training code
 #   and LLaVA-OneVision cut multi-image samples; set where stage 1 creates the model, which stage 2 inherits).
 # - Stage 2 runs on the plain torch engine: in one CPU process ZeRO shards nothing and costs more per step.
@@ -106,7 +109,7 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "data.tiny_world": "null",  # generated once, below
             "data.train_files": "[{out}/data/qa_train.json]",
             "optim.epochs": "10",
-            "optim.batch_size": "16",
+            "optim.batch_size": "8",
             "optim.lr_scale": "100",
             "optim.warmup_ratio": "0.1",
             "deepspeed": "null",
