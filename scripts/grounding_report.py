@@ -29,6 +29,7 @@ from rice_mllm.checkpoint_layout import resolve_model_dir
 from rice_mllm.data.synthetic_scene import POSITIONS
 from rice_mllm.inference import load_for_inference
 from rice_mllm.mllm.boxes import box_to_pixels, parse_boxes
+from rice_mllm.pretrain.region_data import read_region_jsonl
 
 GRID = len(POSITIONS)  # the tiny world's 3x3 grid of places ("top left" ...)
 
@@ -41,11 +42,15 @@ def _inside(point, box) -> bool:
     return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
 
 
-def grounding_answers(run: Path) -> list[dict]:
+def heldout_regions(run: Path) -> list[dict]:
+    """The run's held-out images with their objects' boxes (data/regions_heldout.jsonl)."""
+    return [record for _, record in read_region_jsonl(run / "data/regions_heldout.jsonl")]
+
+
+def grounding_answers(run: Path, regions: list[dict]) -> list[dict]:
     """Each held-out grounding answer: its image's objects, the true and the predicted pixel box (None: no box)."""
     report = json.loads((run / "eval.json").read_text())
     records = json.loads((run / "data/qa_heldout.json").read_text())
-    regions = [json.loads(line) for line in (run / "data/regions_heldout.jsonl").read_text().splitlines()]
     objects = {r["image"]: r["objects"] for r in regions}
     answers = []
     for prediction in report["predictions"]:
@@ -97,11 +102,10 @@ def centre_correlation(answers: list[dict]) -> tuple[float, float, int]:
     return correlations[0], correlations[1], len(on_target)
 
 
-def probe_r2(run: Path, ridge: float = 10.0, train_fraction: float = 0.75) -> list[float]:
+def probe_r2(run: Path, regions: list[dict], ridge: float = 10.0, train_fraction: float = 0.75) -> list[float]:
     """Held-out R^2 of a ridge regression from the cell's projected base-tile tokens to (centre x, centre y in the
     cell, width, height), objects of the first images training it, the others testing it."""
     model, processor = load_for_inference(resolve_model_dir(run / "stage2_instruct"), device="cpu")
-    regions = [json.loads(line) for line in (run / "data/regions_heldout.jsonl").read_text().splitlines()]
     n = model.geometry.tile_features  # tokens per side of a tile
     features, targets = [], []
     with torch.no_grad():
@@ -132,10 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a `python -m rice_mllm.tiny_world` run folder")
     args = parser.parse_args(argv)
-    answers = grounding_answers(args.run)
+    regions = heldout_regions(args.run)
+    answers = grounding_answers(args.run, regions)
     kinds = miss_kinds(answers)
     across, down, on_target = centre_correlation(answers)
-    r2 = probe_r2(args.run)
+    r2 = probe_r2(args.run, regions)
     right = sum(a["correct"] for a in answers)
     print(f"grounding: {right} of {len(answers)} right (IoU >= 0.5); misses: {dict(kinds)}")
     print(
