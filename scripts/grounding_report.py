@@ -9,9 +9,10 @@ model. Prints:
   with IoU < 0.5;
 - for answers on the right object, the correlation of predicted and true box centres within the cell (near 0: the
   model writes one box per cell, whatever the object's place in it);
-- the held-out R^2 of a ridge probe reading an object's centre within its cell and its size from the projected
-  base-tile tokens of that cell (the LLM's input): high R^2 with low correlation above means the LLM does not read
-  what its input holds.
+- the held-out R^2 of ridge probes reading an object's centre within its cell and its size from the projected
+  base-tile tokens of that cell (the LLM's input), once with the tokens in order and once pooled as attention pools
+  them (weighted by the object's share of each patch, order lost): a place the ordered probe reads but the pooled one
+  does not is held only in which token is which, which the LLM's attention does not see.
 """
 
 from __future__ import annotations
@@ -102,12 +103,40 @@ def centre_correlation(answers: list[dict]) -> tuple[float, float, int]:
     return correlations[0], correlations[1], len(on_target)
 
 
-def probe_r2(run: Path, regions: list[dict], ridge: float = 10.0, train_fraction: float = 0.75) -> list[float]:
-    """Held-out R^2 of a ridge regression from the cell's projected base-tile tokens to (centre x, centre y in the
-    cell, width, height), objects of the first images training it, the others testing it."""
+def box_patch_weights(box, rows: range, cols: range, patch: float) -> torch.Tensor:
+    """[len(rows), len(cols)] shares of the box's area in each patch (summing to 1): where an attention head that
+    looks for the object puts its weight, so the pooled feature is what the LLM can read without the tokens' order."""
+    x0, y0, x1, y1 = box
+    overlap = [
+        [max(0.0, min(x1, (c + 1) * patch) - max(x0, c * patch)) * max(0.0, min(y1, (r + 1) * patch) - max(y0, r * patch))
+         for c in cols]
+        for r in rows
+    ]  # fmt: skip
+    weights = torch.tensor(overlap, dtype=torch.float32)
+    return weights / weights.sum()
+
+
+def _ridge_r2(features: list[torch.Tensor], targets: list, ridge: float, train_fraction: float) -> list[float]:
+    """Held-out R^2 per target column of a ridge regression, the first `train_fraction` of rows training it."""
+    x, y = torch.stack(features).double(), torch.tensor(targets, dtype=torch.float64)
+    split = int(train_fraction * len(x))
+    mean, std = x[:split].mean(0), x[:split].std(0) + 1e-6
+    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(x[:split].T @ x[:split] + ridge * eye, x[:split].T @ y[:split])
+    error = x[split:] @ weights - y[split:]
+    return (1 - error.pow(2).mean(0) / y[split:].var(0)).tolist()
+
+
+def probe_r2(
+    run: Path, regions: list[dict], ridge: float = 10.0, train_fraction: float = 0.75
+) -> dict[str, list[float]]:
+    """Held-out R^2 of ridge regressions to (centre x, centre y in the cell, width, height) from the cell's projected
+    base-tile tokens, objects of the first images training them, the others testing them. "in order": the tokens
+    side by side, as a probe sees them; "pooled": their mean weighted by `box_patch_weights`, as attention sees them."""
     model, processor = load_for_inference(resolve_model_dir(run / "stage2_instruct"), device="cpu")
     n = model.geometry.tile_features  # tokens per side of a tile
-    features, targets = [], []
+    in_order, pooled, targets = [], [], []
     with torch.no_grad():
         for record in regions:
             image = Image.open(run / "data" / record["image"]).convert("RGB")
@@ -117,19 +146,17 @@ def probe_r2(run: Path, regions: list[dict], ridge: float = 10.0, train_fraction
             for obj in record["objects"]:
                 cx, cy = _centre(obj["box"])
                 row, col = int(cy // cell), int(cx // cell)
-                rows = slice(round(row * cell / patch), round((row + 1) * cell / patch))
-                cols = slice(round(col * cell / patch), round((col + 1) * cell / patch))
-                features.append(tokens[rows, cols].reshape(-1))
+                rows = range(round(row * cell / patch), round((row + 1) * cell / patch))
+                cols = range(round(col * cell / patch), round((col + 1) * cell / patch))
+                block = tokens[rows.start : rows.stop, cols.start : cols.stop]
+                in_order.append(block.reshape(-1))
+                pooled.append((block * box_patch_weights(obj["box"], rows, cols, patch)[..., None]).sum((0, 1)))
                 x0, y0, x1, y1 = obj["box"]
                 targets.append([cx % cell, cy % cell, x1 - x0, y1 - y0])
-    x, y = torch.stack(features).double(), torch.tensor(targets, dtype=torch.float64)
-    split = int(train_fraction * len(x))
-    mean, std = x[:split].mean(0), x[:split].std(0) + 1e-6
-    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-    eye = torch.eye(x.shape[1], dtype=x.dtype)
-    weights = torch.linalg.solve(x[:split].T @ x[:split] + ridge * eye, x[:split].T @ y[:split])
-    error = x[split:] @ weights - y[split:]
-    return (1 - error.pow(2).mean(0) / y[split:].var(0)).tolist()
+    return {
+        "in order": _ridge_r2(in_order, targets, ridge, train_fraction),
+        "pooled": _ridge_r2(pooled, targets, ridge, train_fraction),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,10 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"centre within the cell, predicted vs true ({on_target} answers on the right object): "
         f"correlation {across:.2f} across, {down:.2f} down"
     )
-    print(
-        "ridge probe on the cell's projected tokens, held-out R^2: "
-        + ", ".join(f"{name} {value:.2f}" for name, value in zip(("x", "y", "width", "height"), r2, strict=True))
-    )
+    for pooling, values in r2.items():
+        print(
+            f"ridge probe on the cell's projected tokens, {pooling}, held-out R^2: "
+            + ", ".join(f"{name} {v:.2f}" for name, v in zip(("x", "y", "width", "height"), values, strict=True))
+        )
     return {"right": right, "misses": dict(kinds), "centre_correlation": [across, down], "probe_r2": r2}
 
 

@@ -36,3 +36,12 @@ def test_centres_are_compared_within_their_cell():
     across, down, count = REPORT["centre_correlation"](answers)
     assert count == 3
     assert across == pytest.approx(32 / (32 * 38) ** 0.5) and down == pytest.approx(-1.0)
+
+
+def test_pooling_weights_are_the_boxs_share_of_each_patch():
+    # box x 4..20, y 12..28 over the 16 px patches of a 2x2 cell: columns take 12 and 4 px, rows 4 and 12 px,
+    # so the areas are [[48, 16], [144, 48]] of 256
+    weights = REPORT["box_patch_weights"]([4, 12, 20, 28], range(2), range(2), 16.0)
+    assert weights.tolist() == [[48 / 256, 16 / 256], [144 / 256, 48 / 256]]
+    # the second column of patches of a cell starting at patch 2 holds all of a box inside it
+    assert REPORT["box_patch_weights"]([50, 34, 60, 44], range(2, 4), range(2, 4), 16.0).tolist() == [[0, 1], [0, 0]]
