@@ -33,7 +33,6 @@ WORLD = WorldConfig(
     max_side=_ENCODER_CONFIG["image_size"],
     word_grid=_ENCODER_CONFIG["patch_size"],
     word_size=20,
-    cell_quarters=True,
 )
 
 # Per stage: the recipe it runs and what the tiny world changes in it. `{out}` is the run folder. Why, in short (the
@@ -41,8 +40,7 @@ WORLD = WorldConfig(
 # - The tiny models start from scratch, so stage 2 trains at the stage-1 scale of learning rate (lr_scale) and warms
 #   up over 10% of its steps.
 # - Stage 0 runs 10 epochs (as many as the time budget allows) and weighs the OCR loss, which teaches each shape's
-#   box the words of its cell and the quarter of the cell it stands in ("top left3"), as much as the object loss:
-#   RICE-ViT has no absolute position embedding.
+#   box the words of its cell ("top left"), as much as the object loss: RICE-ViT has no absolute position embedding.
 #   The region head could read the cell from its RoPE alone; drawing the head's RoPE origin at random
 #   (`pretrain.rope_jitter`) makes the tokens the LLM reads learn it: position and grounding answers gain most.
 # - The LLM is `qwen2.5-tiny-world` (4 KV heads, not 2): with jitter, 2 KV heads failed to bind colour to shape in

@@ -50,7 +50,6 @@ def typeset_world(tmp_path_factory) -> Path:
     """The main job's kind of world: square one-tile images, words typeset on a 16 px grid, merged train records."""
     out = tmp_path_factory.mktemp("typeset")
     args = ["--min-side", "96", "--max-side", "96", "--word-grid", "16", "--word-size", "20", "--word-prob", "1"]
-    args.append("--cell-quarters")
     args.append("--merge-train-qa")
     synthetic.main(
         ["--out", str(out), "--seed", "4", "--num-images", "16", "--num-heldout", "4", "--no-progress", *args]
@@ -106,12 +105,8 @@ def _parse_shapes(path: Path) -> list[dict]:
             shape = "triangle" if bottom_width > 0.6 else "diamond"
         cell = (int(3 * (y0 + y1) / 2 / height), int(3 * (x0 + x1) / 2 / width))
         position = GRID[cell[0]][cell[1]]
-        # The quarter of the cell (1-4, row-major) holding the blob's centre: sixths of the image, odd or even.
-        quarter = 1 + int(6 * (x0 + x1) / 2 / width) % 2 + 2 * (int(6 * (y0 + y1) / 2 / height) % 2)
         box = [int(x0), int(y0), int(x1), int(y1)]
-        shapes.append(
-            {"colour": colour, "shape": shape, "position": position, "quarter": quarter, "cell": cell, "box": box}
-        )
+        shapes.append({"colour": colour, "shape": shape, "position": position, "cell": cell, "box": box})
     return shapes
 
 
@@ -397,8 +392,7 @@ def test_heldout_images_are_unseen(world):
 
 @pytest.mark.parametrize("world_name", ["world", "typeset_world"])
 def test_regions_match_the_pixels(world_name, templates, request):
-    """Objects are the shapes; text regions are the word (first, when there is ink) and each shape's cell name, in
-    the main job's world with the quarter of the cell its centre lies in."""
+    """Objects are the shapes; text regions are the word (first, when there is ink) and each shape's cell name."""
     world = request.getfixturevalue(world_name)
     for split in ("train", "heldout"):
         for record in _load(world / f"regions_{split}.jsonl"):
@@ -407,8 +401,7 @@ def test_regions_match_the_pixels(world_name, templates, request):
             parsed = sorted((f"{s['colour']} {s['shape']}", box) for s, box in shapes)
             assert parsed == sorted((o["label"], o["box"]) for o in record["objects"]), record["image"]
             ink = np.asarray(Image.open(path).convert("RGB")).max(-1) < 100
-            quarters = world_name == "typeset_world"  # the main job's world names them, the default does not
-            places = sorted((s["position"] + (str(s["quarter"]) if quarters else ""), box) for s, box in shapes)
+            places = sorted((s["position"], box) for s, box in shapes)
             assert places == sorted((r["text"], r["box"]) for r in record["ocr"][int(ink.any()) :]), record["image"]
             if not ink.any():
                 continue

@@ -24,10 +24,8 @@ from rice_mllm.data.synthetic_regions import (
 )
 from rice_mllm.data.synthetic_scene import (
     DEFAULT_WORLD,
-    Box,
     RenderedScene,
     Scene,
-    SceneObject,
     WorldConfig,
     render_scene,
     sample_scene,
@@ -234,7 +232,7 @@ def _write_json(path: Path, value: object) -> None:
     path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_split(out_dir: Path, records: SplitRecords, progress: bool = False, cell_quarters: bool = False) -> None:
+def write_split(out_dir: Path, records: SplitRecords, progress: bool = False) -> None:
     """Render a split's images as PNG and write its region JSONL, caption JSON and QA JSON under `out_dir`."""
     names = split_files(records.split)
     (out_dir / names["images"]).mkdir(parents=True, exist_ok=True)
@@ -244,39 +242,24 @@ def write_split(out_dir: Path, records: SplitRecords, progress: bool = False, ce
         rendered = render_scene(scene)
         # No pnginfo and a fixed compression level: the bytes depend on pixels and zlib only (no timestamps).
         rendered.image.save(out_dir / path, format="PNG", compress_level=6)
-        lines.append(_region_line(scene, rendered, path, cell_quarters))
+        lines.append(_region_line(scene, rendered, path))
     (out_dir / names["regions"]).write_text("\n".join(lines) + "\n", encoding="utf-8")
     _write_json(out_dir / names["captions"], records.captions)
     _write_json(out_dir / names["qa"], records.qa)
 
 
-def _cell_quarter(obj: SceneObject, box: Box, scene: Scene) -> int:
-    """1-4, row-major: the quarter of the object's grid cell that holds the centre of its box."""
-    right = (box[0] + box[2]) / 2 >= (obj.col + 0.5) * scene.width / 3
-    lower = (box[1] + box[3]) / 2 >= (obj.row + 0.5) * scene.height / 3
-    return 1 + int(right) + 2 * int(lower)
-
-
-def _region_line(scene: Scene, rendered: RenderedScene, path: str, cell_quarters: bool) -> str:
+def _region_line(scene: Scene, rendered: RenderedScene, path: str) -> str:
     """One image's stage-0 regions as a JSON line: each shape's box with its label, and OCR texts (RICE's OCR
     branch: a box trained towards the tokens of its text) for the word and for each shape's box, the name of its
-    grid cell ("top left") and, with `cell_quarters`, the quarter of that cell its centre lies in ("top left3",
-    quarters 1-4 row-major).
-
-    Why: RICE-ViT has no absolute position embedding (2D RoPE only), so an encoder trained on object labels alone
-    leaves a shape's tokens blind to where it stands. The cell alone teaches each token its cell, not its place in
-    it: that is left to the order of a cell's tokens, which the LLM's attention (a weighted sum) does not keep, so
-    grounding boxes ignore where in its cell a shape stands. As OCR texts rather than part of the object labels,
-    because cell names in the labels ("red star top left") taught the cells but then the LLM found objects by colour
-    or shape less often.
+    grid cell ("top left"). Why the cells: RICE-ViT has no absolute position embedding (2D RoPE only), so an encoder
+    trained on object labels alone leaves a shape's tokens blind to where it stands. As OCR texts rather than part
+    of the object labels, because cell names in the labels ("red star top left") taught the cells but then the LLM
+    found objects by colour or shape less often.
     """
     boxes = list(zip(scene.objects, rendered.object_boxes, strict=True))
     objects = [{"box": list(box), "label": obj.label} for obj, box in boxes]
     word = [] if scene.word is None else [{"box": list(rendered.word_box), "text": scene.word.text}]
-    cells = [
-        {"box": list(box), "text": obj.position + (str(_cell_quarter(obj, box, scene)) if cell_quarters else "")}
-        for obj, box in boxes
-    ]
+    cells = [{"box": list(box), "text": obj.position} for obj, box in boxes]
     return json.dumps({"image": path, "objects": objects, "ocr": word + cells})
 
 
@@ -330,7 +313,7 @@ def generate(
     manifest: dict = {"generator": __name__, "version": GENERATOR_VERSION, "args": arguments, "splits": {}}
     for split, count in zip(SPLITS, (num_images, num_heldout), strict=True):
         records = build_split(seed, split, count, config, qa_per_image, merge_qa=merge_train_qa and split == "train")
-        write_split(out, records, progress, config.cell_quarters)
+        write_split(out, records, progress)
         manifest["splits"][split] = {**split_files(split), "num_images": count, "num_qa": len(records.qa)}
     _write_json(out / MANIFEST, manifest)
     return manifest
@@ -353,12 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--merge-train-qa", action="store_true", help="one multi-turn record (QA, then caption) per train image"
     )
-    parser.add_argument("--cell-quarters", action="store_true", help="shapes' OCR texts name their cell's quarter")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    config = WorldConfig(
-        args.min_side, args.max_side, args.max_objects, args.word_prob, args.word_grid, args.word_size, args.cell_quarters
-    )
+    config = WorldConfig(args.min_side, args.max_side, args.max_objects, args.word_prob, args.word_grid, args.word_size)
     manifest = generate(
         args.out,
         args.seed,

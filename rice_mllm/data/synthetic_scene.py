@@ -58,8 +58,6 @@ class WorldConfig:
             one tile, a word is then the same patch pattern wherever it stands, so reading it is learnable from a
             few thousand examples; set freely, a from-scratch 16 px encoder hardly learnt to read held-out words.
         word_size: font size in pixels of typeset words (word_grid > 0).
-        cell_quarters: stage-0 OCR texts of shapes name the quarter of their grid cell too ("top left3"; see
-            `synthetic._region_line`).
     """
 
     min_side: int = 112
@@ -68,7 +66,6 @@ class WorldConfig:
     word_prob: float = 0.75
     word_grid: int = 0
     word_size: int = 28
-    cell_quarters: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_SIDE <= self.min_side <= self.max_side:
