@@ -12,7 +12,7 @@ model. Prints:
 - the held-out R^2 of ridge probes reading an object's centre within its cell and its size from the projected
   base-tile tokens of that cell (the LLM's input), once with the tokens in order and once pooled as attention pools
   them (weighted by the object's share of each patch, order lost): a place the ordered probe reads but the pooled one
-  does not is held only in which token is which, which the LLM's attention does not see.
+  does not is held only in which token is which, which the LLM's attention (a weighted sum) does not keep.
 """
 
 from __future__ import annotations
@@ -107,12 +107,9 @@ def box_patch_weights(box, rows: range, cols: range, patch: float) -> torch.Tens
     """[len(rows), len(cols)] shares of the box's area in each patch (summing to 1): where an attention head that
     looks for the object puts its weight, so the pooled feature is what the LLM can read without the tokens' order."""
     x0, y0, x1, y1 = box
-    overlap = [
-        [max(0.0, min(x1, (c + 1) * patch) - max(x0, c * patch)) * max(0.0, min(y1, (r + 1) * patch) - max(y0, r * patch))
-         for c in cols]
-        for r in rows
-    ]  # fmt: skip
-    weights = torch.tensor(overlap, dtype=torch.float32)
+    across = torch.tensor([max(0.0, min(x1, (c + 1) * patch) - max(x0, c * patch)) for c in cols])
+    down = torch.tensor([max(0.0, min(y1, (r + 1) * patch) - max(y0, r * patch)) for r in rows])
+    weights = torch.outer(down, across)
     return weights / weights.sum()
 
 
