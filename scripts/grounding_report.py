@@ -7,6 +7,8 @@ Reads the run's eval.json (held-out predictions), data/qa_heldout.json, data/reg
 model. Prints:
 - misses by kind: a box on another object (its centre inside that object's box), on nothing, or on the right object
   with IoU < 0.5;
+- right answers with and without a shape twin (another object of the asked one's shape, so only its colour tells
+  them apart);
 - for answers on the right object, the correlation of predicted and true box centres within the cell (near 0: the
   model writes one box per cell, whatever the object's place in it);
 - the held-out R^2 of ridge probes reading an object's centre within its cell and its size from the projected
@@ -91,6 +93,19 @@ def miss_kinds(answers: list[dict]) -> Counter:
     return kinds
 
 
+def shape_twin_accuracy(answers: list[dict]) -> dict[str, tuple[int, int]]:
+    """(right, asked) for objects with a shape twin and for the others: a box that follows the shape but not the
+    colour lands on either twin."""
+    counts = {"with a shape twin": [0, 0], "without": [0, 0]}
+    for answer in answers:
+        (asked,) = [o for o in answer["objects"] if o["box"] == list(answer["truth"])]
+        shapes = [o["label"].split()[-1] for o in answer["objects"]]
+        tally = counts["with a shape twin" if shapes.count(asked["label"].split()[-1]) > 1 else "without"]
+        tally[0] += answer["correct"]
+        tally[1] += 1
+    return {group: (right, asked) for group, (right, asked) in counts.items()}
+
+
 def centre_correlation(answers: list[dict]) -> tuple[float, float, int]:
     """Correlation (across, down) of predicted and true centres within the cell, over answers on the right object."""
     on_target = [a for a in answers if a["box"] is not None and _inside(_centre(a["truth"]), a["box"])]
@@ -163,10 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     regions = heldout_regions(args.run)
     answers = grounding_answers(args.run, regions)
     kinds = miss_kinds(answers)
+    twins = shape_twin_accuracy(answers)
     across, down, on_target = centre_correlation(answers)
     r2 = probe_r2(args.run, regions)
     right = sum(a["correct"] for a in answers)
     print(f"grounding: {right} of {len(answers)} right (IoU >= 0.5); misses: {dict(kinds)}")
+    print("right by the asked object: " + ", ".join(f"{group} {r} of {n}" for group, (r, n) in twins.items()))
     print(
         f"centre within the cell, predicted vs true ({on_target} answers on the right object): "
         f"correlation {across:.2f} across, {down:.2f} down"
@@ -176,7 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"ridge probe on the cell's projected tokens, {pooling}, held-out R^2: "
             + ", ".join(f"{name} {v:.2f}" for name, v in zip(("x", "y", "width", "height"), values, strict=True))
         )
-    return {"right": right, "misses": dict(kinds), "centre_correlation": [across, down], "probe_r2": r2}
+    return {
+        "right": right,
+        "misses": dict(kinds),
+        "shape_twins": twins,
+        "centre_correlation": [across, down],
+        "probe_r2": r2,
+    }
 
 
 if __name__ == "__main__":

@@ -45,3 +45,17 @@ def test_pooling_weights_are_the_boxs_share_of_each_patch():
     assert weights.tolist() == [[48 / 256, 16 / 256], [144 / 256, 48 / 256]]
     # the second column of patches of a cell starting at patch 2 holds all of a box inside it
     assert REPORT["box_patch_weights"]([50, 34, 60, 44], range(2, 4), range(2, 4), 16.0).tolist() == [[0, 1], [0, 0]]
+
+
+def test_answers_are_split_by_whether_another_object_shares_the_asked_shape():
+    objects = [
+        {"box": [4, 4, 24, 24], "label": "red circle"},
+        {"box": [40, 4, 60, 24], "label": "blue circle"},  # the red circle's shape twin
+        {"box": [4, 40, 24, 60], "label": "red star"},  # same colour as the red circle: not a shape twin
+    ]
+    asked = [([4, 4, 24, 24], True), ([40, 4, 60, 24], False), ([40, 4, 60, 24], False), ([4, 40, 24, 60], True)]
+    answers = [
+        {"size": SIZE, "objects": objects, "truth": tuple(truth), "box": None, "correct": correct}
+        for truth, correct in asked
+    ]
+    assert REPORT["shape_twin_accuracy"](answers) == {"with a shape twin": (1, 3), "without": (1, 1)}
