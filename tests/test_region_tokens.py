@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REGION = 7  # any id of the tiny vocabulary other than the image token
 
 
-def _model(region_token_id=REGION, seed=0):
+def _model(region_token_id=REGION, seed=0, projector_type="mlp2x_gelu"):
     torch.manual_seed(seed)
-    return RiceMllmForConditionalGeneration(tiny_mllm_config(region_token_id=region_token_id)).eval()
+    config = tiny_mllm_config(region_token_id=region_token_id, projector_type=projector_type)
+    return RiceMllmForConditionalGeneration(config).eval()
 
 
 def _batch(model, num_regions):
@@ -140,9 +141,10 @@ def _sample(model, sizes, boxes, owners, seed):
     }
 
 
-def test_padded_and_packed_batches_with_boxes_give_the_loss_and_gradients_of_samples_alone():
+@pytest.mark.parametrize("projector_type", ["mlp2x_gelu", "patch_merger"])
+def test_padded_and_packed_batches_with_boxes_give_the_loss_and_gradients_of_samples_alone(projector_type):
     """Boxes stay with their samples' images through both collators (region_images renumbered per batch)."""
-    model = _model().train()
+    model = _model(projector_type=projector_type).train()
     samples = [
         _sample(model, [(28, 56)], [[0, 0, 500, 1000]], [0], seed=0),
         _sample(model, [], [], [], seed=1),

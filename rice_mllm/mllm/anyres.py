@@ -42,6 +42,8 @@ class AnyresGeometry:
             colour and gives its base tile only, plus one image_newline (N^2 + 1 tokens), as LLaVA-NeXT's training
             code ("pad" for multi-image samples) and LLaVA-OneVision (transformers' `batch_num_images`) do: half
             the tokens or fewer per image, where the question is about comparing images rather than detail.
+        spatial_merge_size: patches per side that one token stands for (2: LLaVA-OneVision-1.5's patch merger); a
+            tile gives (N / spatial_merge_size)^2 tokens and the grid's unpadding and newlines count merged tokens.
     """
 
     tile_size: int
@@ -49,10 +51,16 @@ class AnyresGeometry:
     image_grid_pinpoints: tuple[Size, ...] = field(default=())
     max_grid_tiles: int | None = None
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
+    spatial_merge_size: int = 1
 
     def __post_init__(self) -> None:
         if self.tile_size <= 0 or self.patch_size <= 0 or self.tile_size % self.patch_size:
             raise ValueError(f"tile_size {self.tile_size} must be a positive multiple of patch_size {self.patch_size}")
+        if self.spatial_merge_size < 1 or (self.tile_size // self.patch_size) % self.spatial_merge_size:
+            raise ValueError(
+                f"a tile's {self.tile_size // self.patch_size} patches a side do not divide into blocks of "
+                f"spatial_merge_size {self.spatial_merge_size}"
+            )
         pinpoints = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
         if not pinpoints:
             raise ValueError("image_grid_pinpoints is empty: give at least one (height, width) canvas")
@@ -70,8 +78,8 @@ class AnyresGeometry:
 
     @property
     def tile_features(self) -> int:
-        """N: features per tile side."""
-        return self.tile_size // self.patch_size
+        """N: tokens per tile side (patches per side over spatial_merge_size)."""
+        return self.tile_size // self.patch_size // self.spatial_merge_size
 
     def tiles_images_of(self, num_images: int) -> bool:
         """Whether the images of a sample holding `num_images` images are tiled (True) or give their base tile only."""
@@ -84,6 +92,7 @@ class AnyresGeometry:
             "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
             "max_grid_tiles": self.max_grid_tiles,
             "multi_image_tiling": self.multi_image_tiling,
+            "spatial_merge_size": self.spatial_merge_size,
         }
 
     @classmethod
@@ -94,6 +103,7 @@ class AnyresGeometry:
             "image_grid_pinpoints",
             "max_grid_tiles",
             "multi_image_tiling",
+            "spatial_merge_size",
         }
         if unknown:
             raise KeyError(f"unknown anyres geometry keys {sorted(unknown)}")

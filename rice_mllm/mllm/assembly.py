@@ -20,6 +20,7 @@ from .image_processing import RiceImageProcessor
 from .lm_loss import install_chunked_loss_head
 from .modeling import RiceMllmForConditionalGeneration
 from .processing import RiceMllmProcessor, add_image_token
+from .projector import spatial_merge_size
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def build_processor(
     image_grid_pinpoints: str | list | None = None,
     template: str = DEFAULT_TEMPLATE,
     region_tokens: bool = False,
+    projector_type: str = "mlp2x_gelu",
 ) -> RiceMllmProcessor:
     """A processor over `tokenizer` (directory or hub id; `<image>` added if missing) with anyres geometry.
 
@@ -51,13 +53,16 @@ def build_processor(
             "(1x1),...,(3x3)", "anyres_max_9", [[height, width], ...]).
         template: "chatml" or "plain" (LLaVA's alignment template), see `chat_template.TEMPLATES`.
         region_tokens: a REGION_FEATURE_TOKEN after each box of a user turn, for a model with region tokens.
+        projector_type: the model's projector, which sets how many patches one image token stands for.
     """
     loaded = AutoTokenizer.from_pretrained(str(tokenizer))
     add_image_token(loaded)
     if region_tokens:
         add_image_token(loaded, REGION_FEATURE_TOKEN)
     pinpoints, budget = resolve_grid(tile_size, image_grid_pinpoints, max_tiles, max_grid_tiles)
-    geometry = AnyresGeometry(tile_size, patch_size, pinpoints, budget, multi_image_tiling)
+    geometry = AnyresGeometry(
+        tile_size, patch_size, pinpoints, budget, multi_image_tiling, spatial_merge_size(projector_type)
+    )
     return RiceMllmProcessor(loaded, RiceImageProcessor(geometry), max_length, template, region_tokens)
 
 
@@ -79,7 +84,9 @@ def _text_part(llm: str):
     return language_model.config, language_model
 
 
-def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceMllmForConditionalGeneration:
+def assemble_model(
+    vision: str, llm: str, processor: RiceMllmProcessor, projector_type: str = "mlp2x_gelu"
+) -> RiceMllmForConditionalGeneration:
     """A fresh multimodal model: pretrained parts where paths/hub ids are given, random ones for preset names.
 
     The projector and `image_newline` start random (stage 1 trains them). If the tokenizer grew (the `<image>` token,
@@ -93,6 +100,11 @@ def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceM
             f"processor tiles are {geometry.tile_size}px/patch {geometry.patch_size} but the vision tower {vision!r} "
             f"takes {vision_config.image_size}px/patch {vision_config.patch_size}"
         )
+    if spatial_merge_size(projector_type) != geometry.spatial_merge_size:
+        raise ValueError(
+            f"projector {projector_type!r} merges {spatial_merge_size(projector_type)} patches a side but the "
+            f"processor counts tokens for {geometry.spatial_merge_size}: build it with the same projector_type"
+        )
     config = RiceMllmConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -101,6 +113,7 @@ def assemble_model(vision: str, llm: str, processor: RiceMllmProcessor) -> RiceM
         max_grid_tiles=geometry.max_grid_tiles,
         multi_image_tiling=geometry.multi_image_tiling,
         region_token_id=processor.region_token_id,
+        projector_type=projector_type,
     )
     model = RiceMllmForConditionalGeneration(config)
     if encoder is not None:

@@ -8,6 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 from ..presets import load_preset
 from ..vision import RiceVisionConfig
 from .anyres import DEFAULT_MULTI_IMAGE_TILING, AnyresGeometry, make_grid_pinpoints
+from .projector import spatial_merge_size
 
 
 class RiceMllmConfig(PreTrainedConfig):
@@ -20,6 +21,8 @@ class RiceMllmConfig(PreTrainedConfig):
         image_grid_pinpoints: candidate (height, width) resolutions for anyres tiling.
         vision_feature_layer: which hidden state feeds the projector (-2, as LLaVA; CLS is always dropped).
         projector_hidden_act: activation between the projector's two linears ("gelu": exact, as mlp2x_gelu).
+        projector_type: "mlp2x_gelu" (LLaVA: a token per patch) or "patch_merger" (LLaVA-OneVision-1.5: a token per
+            2x2 block of patches; no transformers LLaVA class computes it, so such a model does not export).
         max_grid_tiles: token budget. None keeps every grid feature (LLaVA-NeXT); K downsamples the unpadded grid
             bilinearly to about K tiles' worth of tokens (LLaVA-OneVision's `anyres_max_K`), which transformers'
             OneVision classes reproduce exactly, unlike a 2x2 token merge.
@@ -41,6 +44,7 @@ class RiceMllmConfig(PreTrainedConfig):
     image_grid_pinpoints: list | None = None
     vision_feature_layer: int = -2
     projector_hidden_act: str = "gelu"
+    projector_type: str = "mlp2x_gelu"
     max_grid_tiles: int | None = None
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
     region_token_id: int | None = None
@@ -60,6 +64,7 @@ class RiceMllmConfig(PreTrainedConfig):
             image_grid_pinpoints=self.image_grid_pinpoints,
             max_grid_tiles=self.max_grid_tiles,
             multi_image_tiling=self.multi_image_tiling,
+            spatial_merge_size=spatial_merge_size(self.projector_type),
         )
 
     @classmethod

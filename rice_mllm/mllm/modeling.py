@@ -1,4 +1,4 @@
-"""RiceMllmForConditionalGeneration: RICE-ViT -> mlp2x_gelu projector -> anyres packing -> Qwen2.5 (LLaVA-NeXT).
+"""RiceMllmForConditionalGeneration: RICE-ViT -> projector -> anyres packing -> Qwen2.5 (LLaVA-NeXT).
 
 Invariant: the number of image features an image produces is `anyres.num_image_tokens`, the same function the
 processor uses to expand `<image>`; any disagreement raises `ImageTokenMismatchError` before the LLM runs.
@@ -23,7 +23,7 @@ from ..vision import RiceVisionModel
 from .anyres import AnyresGeometry, num_tiles, pack_image_features
 from .configuration import RiceMllmConfig
 from .lm_loss import LOSS_OPTIONS, ChunkedLossLmHead, install_chunked_loss_head
-from .projector import MultiModalProjector
+from .projector import build_projector
 from .region_tokens import boxes_on_base_tile, region_features
 
 
@@ -84,8 +84,13 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
     def __init__(self, config: RiceMllmConfig):
         super().__init__(config)
         self.vision_tower = RiceVisionModel(config.vision_config)
-        self.projector = MultiModalProjector(
-            config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
+        vision = config.vision_config
+        self.projector = build_projector(
+            config.projector_type,
+            vision.hidden_size,
+            config.text_config.hidden_size,
+            config.projector_hidden_act,
+            vision.layer_norm_eps,
         )
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
@@ -102,6 +107,9 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
             init.normal_(self.image_newline, std=self.image_newline.shape[0] ** -0.5)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, std=module.in_features**-0.5)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
             init.zeros_(module.bias)
 
     @classmethod
@@ -229,7 +237,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
         pixels = boxes_on_base_tile(boxes, sizes, tiled, tile)
         grid = (tile // self.config.vision_config.patch_size,) * 2
         hidden = last_hidden[first_tiles[images]]  # [R, 1+N*N, D]: each box's base tile
-        return self.projector(region_features(self.vision_tower, hidden, grid, pixels))
+        return self.projector.project_regions(region_features(self.vision_tower, hidden, grid, pixels))
 
     def _write_regions(
         self,

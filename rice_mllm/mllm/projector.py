@@ -1,12 +1,26 @@
-"""LLaVA's `mlp2x_gelu` projector: vision features -> LLM embedding space (names as transformers' LLaVA classes)."""
+"""Projectors from vision features to the LLM's embedding space: LLaVA's `mlp2x_gelu` (one token per patch, names as
+transformers' LLaVA classes) and LLaVA-OneVision-1.5's patch merger (one token per 2x2 block of patches, names as
+transformers' `LlavaOnevision15VisionPatchMerger`)."""
+
+from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+PROJECTOR_TYPES = ("mlp2x_gelu", "patch_merger")
+PATCH_MERGER_SIZE = 2  # LLaVA-OneVision-1.5's (and Qwen2-VL's) spatial_merge_size
+
+
+def spatial_merge_size(projector_type: str) -> int:
+    """Patches per side that one image token stands for: 1 for `mlp2x_gelu`, 2 for `patch_merger`."""
+    if projector_type not in PROJECTOR_TYPES:
+        raise ValueError(f"unknown projector_type {projector_type!r}; choose one of {list(PROJECTOR_TYPES)}")
+    return PATCH_MERGER_SIZE if projector_type == "patch_merger" else 1
+
 
 class MultiModalProjector(nn.Module):
-    """Linear(vision, llm) -> activation -> Linear(llm, llm), both with bias.
+    """LLaVA's `mlp2x_gelu`: Linear(vision, llm) -> activation -> Linear(llm, llm), both with bias.
 
     Args:
         vision_hidden_size: width of the encoder's features.
@@ -21,5 +35,63 @@ class MultiModalProjector(nn.Module):
         self.linear_2 = nn.Linear(text_hidden_size, text_hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[..., vision_hidden] -> [..., text_hidden]."""
+        """[tiles, N*N, vision_hidden] (or [R, vision_hidden]) -> [..., text_hidden]."""
         return self.linear_2(self.act(self.linear_1(features)))
+
+    def project_regions(self, features: torch.Tensor) -> torch.Tensor:
+        """[R, vision_hidden] region features -> [R, text_hidden]."""
+        return self(features)
+
+
+def merge_patches(features: torch.Tensor, merge: int = PATCH_MERGER_SIZE) -> torch.Tensor:
+    """[tiles, N*N, D] row-major patch grids -> [tiles, (N/merge)^2, merge*merge*D]: each merge x merge block of
+    patches concatenated, row by row within the block, the blocks in row-major order (Qwen2-VL's merge order)."""
+    tiles, count, dim = features.shape
+    side = round(count**0.5)
+    if side * side != count or side % merge:
+        raise ValueError(f"{count} patches per tile are not a square grid whose side divides by {merge}")
+    blocks = features.reshape(tiles, side // merge, merge, side // merge, merge, dim).permute(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(tiles, (side // merge) ** 2, merge * merge * dim)
+
+
+class PatchMergerProjector(nn.Module):
+    """LLaVA-OneVision-1.5's patch merger: LayerNorm per patch, the 2x2 block's patches concatenated, then
+    Linear(4D, 4D) -> GELU -> Linear(4D, llm). A quarter of the image tokens of `mlp2x_gelu`, and each token holds
+    where in its block each part of an object lies in fixed channels instead of in which of four tokens it is.
+
+    Region features (one per box, `region_tokens`) are D wide; each enters as a block of four equal patches, so region
+    tokens and image tokens share one projection and one embedding space.
+
+    Args:
+        vision_hidden_size: width D of the encoder's features.
+        text_hidden_size: width of the LLM's embeddings.
+        layer_norm_eps: the LayerNorm's epsilon (LLaVA-OneVision-1.5's vision `layer_norm_eps`).
+    """
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, layer_norm_eps: float = 1e-5):
+        super().__init__()
+        merged = vision_hidden_size * PATCH_MERGER_SIZE**2
+        self.norm = nn.LayerNorm(vision_hidden_size, eps=layer_norm_eps)
+        self.linear_fc1 = nn.Linear(merged, merged)
+        self.act_fn = nn.GELU()
+        self.linear_fc2 = nn.Linear(merged, text_hidden_size)
+
+    def _project(self, merged: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(self.act_fn(self.linear_fc1(merged)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[tiles, N*N, D] row-major patch grids -> [tiles, (N/2)^2, text_hidden]."""
+        return self._project(merge_patches(self.norm(features)))
+
+    def project_regions(self, features: torch.Tensor) -> torch.Tensor:
+        """[R, D] region features -> [R, text_hidden]."""
+        return self._project(self.norm(features).repeat(1, PATCH_MERGER_SIZE**2))
+
+
+def build_projector(
+    projector_type: str, vision_hidden_size: int, text_hidden_size: int, hidden_act: str, layer_norm_eps: float
+) -> nn.Module:
+    """The projector `projector_type` names (`PROJECTOR_TYPES`)."""
+    if spatial_merge_size(projector_type) == 1:
+        return MultiModalProjector(vision_hidden_size, text_hidden_size, hidden_act)
+    return PatchMergerProjector(vision_hidden_size, text_hidden_size, layer_norm_eps)

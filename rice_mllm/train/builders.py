@@ -84,6 +84,7 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
             "max_tiles": m.max_tiles,
             "max_grid_tiles": m.max_grid_tiles,
             "region_tokens": m.region_tokens,
+            "projector": m.projector,
         }
         if given := [f"model.{key}" for key, value in fixed.items() if value is not None]:
             raise ValueError(f"{given} set, but model.init_from={m.init_from} fixes them: drop them")
@@ -107,7 +108,13 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
         image_grid_pinpoints=m.image_grid_pinpoints,
         template=d.template,
         region_tokens=bool(m.region_tokens),
+        projector_type=new_model_projector(config),
     )
+
+
+def new_model_projector(config: TrainConfig) -> str:
+    """`model.projector` of a model assembled from parts (null: LLaVA's mlp2x_gelu)."""
+    return config.model.projector or "mlp2x_gelu"
 
 
 def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
@@ -117,7 +124,7 @@ def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
     if config.model.init_from is not None:
         model = RiceMllmForConditionalGeneration.from_pretrained(_init_dir(config))
     else:
-        model = assemble_model(vision_source(config), config.model.llm, processor)
+        model = assemble_model(vision_source(config), config.model.llm, processor, new_model_projector(config))
     model.set_llm_attn_implementation(llm_attn_implementation(config))
     return model
 
