@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from .mllm.projector import spatial_merge_size
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -184,7 +186,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _model_geometry(config: dict) -> dict:
-    """The anyres fields a model config.json holds, named as the image processor names them."""
+    """The anyres fields a model config.json holds, named as the image processor names them (the merge is the
+    projector's: a config without `projector_type` predates it and has LLaVA's mlp2x_gelu)."""
     vision = config.get("vision_config") or {}
     fields = {
         "tile_size": (vision, "image_size"),
@@ -193,7 +196,8 @@ def _model_geometry(config: dict) -> dict:
         "max_grid_tiles": (config, "max_grid_tiles"),
         "multi_image_tiling": (config, "multi_image_tiling"),
     }
-    return {name: source[key] for name, (source, key) in fields.items() if key in source}
+    geometry = {name: source[key] for name, (source, key) in fields.items() if key in source}
+    return {**geometry, "spatial_merge_size": spatial_merge_size(config.get("projector_type", "mlp2x_gelu"))}
 
 
 def check_geometry_agrees(model_dir: Path, config_dir: Path | None = None) -> None:
@@ -209,7 +213,7 @@ def check_geometry_agrees(model_dir: Path, config_dir: Path | None = None) -> No
     config_path = (config_dir or model_dir) / CONFIG_FILE
     processor_path = model_dir / IMAGE_PROCESSOR_CONFIG_FILE
     model = _model_geometry(_read_json(config_path))
-    processor = _read_json(processor_path).get("geometry", {})
+    processor = {"spatial_merge_size": 1, **_read_json(processor_path).get("geometry", {})}
     differ = [
         f"{key}: {model[key]!r} in {config_path.name} vs {processor.get(key)!r} in {processor_path.name}"
         for key in model

@@ -73,13 +73,22 @@ def test_a_cut_weights_file_is_named_by_chat_eval_and_init_from(run_dir, tmp_pat
         train_main([f"output_dir={tmp_path / 'out'}", f"model.init_from={model}", "data.train_files=[x.json]"])
 
 
-def test_model_and_processor_geometries_that_disagree_are_refused_naming_both(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("multi_image_tiling", "base", r"multi_image_tiling: 'anyres' in config.json vs 'base' in image"),
+        ("spatial_merge_size", 2, r"spatial_merge_size: 1 in config.json vs 2 in image"),  # a merger's processor
+    ],
+)
+def test_model_and_processor_geometries_that_disagree_are_refused_naming_both(
+    run_dir, tmp_path, capsys, field, value, message
+):
     model = _copy_model(run_dir, tmp_path)
     path = model / "image_processor_config.json"
     saved = json.loads(path.read_text())
-    saved["geometry"]["multi_image_tiling"] = "base"
+    saved["geometry"][field] = value
     path.write_text(json.dumps(saved))
-    with pytest.raises(CheckpointFormatError, match=r"multi_image_tiling: 'anyres' in config.json vs 'base' in image"):
+    with pytest.raises(CheckpointFormatError, match=message):
         check_model_dir(model)
     assert chat_main(["--model", str(model), "--prompt", "hi"]) == 2
     assert "disagree" in capsys.readouterr().err
