@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .mllm.projector import spatial_merge_size
+from .mllm.projector import DEFAULT_PROJECTOR_TYPE, spatial_merge_size
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -197,7 +197,7 @@ def _model_geometry(config: dict) -> dict:
         "multi_image_tiling": (config, "multi_image_tiling"),
     }
     geometry = {name: source[key] for name, (source, key) in fields.items() if key in source}
-    return {**geometry, "spatial_merge_size": spatial_merge_size(config.get("projector_type", "mlp2x_gelu"))}
+    return {**geometry, "spatial_merge_size": spatial_merge_size(config.get("projector_type", DEFAULT_PROJECTOR_TYPE))}
 
 
 def check_geometry_agrees(model_dir: Path, config_dir: Path | None = None) -> None:

@@ -27,6 +27,7 @@ from ..mllm.chat_template import DEFAULT_TEMPLATE, TEMPLATES
 from ..mllm.configuration import RiceMllmConfig
 from ..mllm.image_processing import RiceImageProcessor
 from ..mllm.processing import RiceMllmProcessor
+from ..mllm.projector import DEFAULT_PROJECTOR_TYPE
 from .tensors import read_weights, rename_keys, write_model
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def choose_target(config: RiceMllmConfig, target: str = "auto") -> str:
     cannot reproduce raises, naming the setting, and so does any target for a model with region tokens or with
     LLaVA-OneVision-1.5's patch merger, which neither class computes.
     """
-    if config.projector_type != "mlp2x_gelu":
+    if config.projector_type != DEFAULT_PROJECTOR_TYPE:
         raise ValueError(
             f"the model's projector is {config.projector_type!r} (a token per 2x2 block of patches), which "
             "transformers' LLaVA-NeXT and OneVision classes do not compute; export a model with mlp2x_gelu"

@@ -20,7 +20,7 @@ from .image_processing import RiceImageProcessor
 from .lm_loss import install_chunked_loss_head
 from .modeling import RiceMllmForConditionalGeneration
 from .processing import RiceMllmProcessor, add_image_token
-from .projector import spatial_merge_size
+from .projector import DEFAULT_PROJECTOR_TYPE, spatial_merge_size
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def build_processor(
     image_grid_pinpoints: str | list | None = None,
     template: str = DEFAULT_TEMPLATE,
     region_tokens: bool = False,
-    projector_type: str = "mlp2x_gelu",
+    projector_type: str = DEFAULT_PROJECTOR_TYPE,
 ) -> RiceMllmProcessor:
     """A processor over `tokenizer` (directory or hub id; `<image>` added if missing) with anyres geometry.
 
@@ -85,7 +85,7 @@ def _text_part(llm: str):
 
 
 def assemble_model(
-    vision: str, llm: str, processor: RiceMllmProcessor, projector_type: str = "mlp2x_gelu"
+    vision: str, llm: str, processor: RiceMllmProcessor, projector_type: str = DEFAULT_PROJECTOR_TYPE
 ) -> RiceMllmForConditionalGeneration:
     """A fresh multimodal model: pretrained parts where paths/hub ids are given, random ones for preset names.
 

@@ -8,7 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 from ..presets import load_preset
 from ..vision import RiceVisionConfig
 from .anyres import DEFAULT_MULTI_IMAGE_TILING, AnyresGeometry, make_grid_pinpoints
-from .projector import spatial_merge_size
+from .projector import DEFAULT_PROJECTOR_TYPE, spatial_merge_size
 
 
 class RiceMllmConfig(PreTrainedConfig):
@@ -44,7 +44,7 @@ class RiceMllmConfig(PreTrainedConfig):
     image_grid_pinpoints: list | None = None
     vision_feature_layer: int = -2
     projector_hidden_act: str = "gelu"
-    projector_type: str = "mlp2x_gelu"
+    projector_type: str = DEFAULT_PROJECTOR_TYPE
     max_grid_tiles: int | None = None
     multi_image_tiling: str = DEFAULT_MULTI_IMAGE_TILING
     region_token_id: int | None = None

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "patch_merger")
+DEFAULT_PROJECTOR_TYPE = "mlp2x_gelu"  # LLaVA's, and what a config written before the choice existed has
 PATCH_MERGER_SIZE = 2  # LLaVA-OneVision-1.5's (and Qwen2-VL's) spatial_merge_size
 
 

@@ -27,6 +27,7 @@ from ..mllm.assembly import TINY_TOKENIZER, assemble_model, build_processor
 from ..mllm.modeling import RiceMllmForConditionalGeneration
 from ..mllm.per_sample_attention import PER_SAMPLE_SDPA
 from ..mllm.processing import RiceMllmProcessor
+from ..mllm.projector import DEFAULT_PROJECTOR_TYPE
 from ..presets import list_presets, load_preset
 from ..vision import RiceVisionModel
 from .config import TrainConfig
@@ -114,7 +115,7 @@ def run_processor(config: TrainConfig) -> RiceMllmProcessor:
 
 def new_model_projector(config: TrainConfig) -> str:
     """`model.projector` of a model assembled from parts (null: LLaVA's mlp2x_gelu)."""
-    return config.model.projector or "mlp2x_gelu"
+    return config.model.projector or DEFAULT_PROJECTOR_TYPE
 
 
 def build_model(config: TrainConfig, processor: RiceMllmProcessor) -> nn.Module:
