@@ -213,7 +213,8 @@ def check_geometry_agrees(model_dir: Path, config_dir: Path | None = None) -> No
     config_path = (config_dir or model_dir) / CONFIG_FILE
     processor_path = model_dir / IMAGE_PROCESSOR_CONFIG_FILE
     model = _model_geometry(_read_json(config_path))
-    processor = {"spatial_merge_size": 1, **_read_json(processor_path).get("geometry", {})}
+    unmerged = {"spatial_merge_size": spatial_merge_size(DEFAULT_PROJECTOR_TYPE)}  # files from before the merger
+    processor = {**unmerged, **_read_json(processor_path).get("geometry", {})}
     differ = [
         f"{key}: {model[key]!r} in {config_path.name} vs {processor.get(key)!r} in {processor_path.name}"
         for key in model

@@ -92,7 +92,7 @@ class PatchMergerProjector(nn.Module):
 def build_projector(
     projector_type: str, vision_hidden_size: int, text_hidden_size: int, hidden_act: str, layer_norm_eps: float
 ) -> nn.Module:
-    """The projector `projector_type` names (`PROJECTOR_TYPES`)."""
-    if spatial_merge_size(projector_type) == 1:
-        return MultiModalProjector(vision_hidden_size, text_hidden_size, hidden_act)
-    return PatchMergerProjector(vision_hidden_size, text_hidden_size, layer_norm_eps)
+    """The projector `projector_type` names (`PROJECTOR_TYPES`; an unknown name raises)."""
+    if spatial_merge_size(projector_type) > 1:
+        return PatchMergerProjector(vision_hidden_size, text_hidden_size, layer_norm_eps)
+    return MultiModalProjector(vision_hidden_size, text_hidden_size, hidden_act)
