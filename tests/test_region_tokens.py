@@ -141,7 +141,7 @@ def _sample(model, sizes, boxes, owners, seed):
     }
 
 
-@pytest.mark.parametrize("projector_type", ["mlp2x_gelu", "patch_merger"])
+@pytest.mark.parametrize("projector_type", ["mlp2x_gelu", "patch_merger", "mlp2x_gelu_block"])
 def test_padded_and_packed_batches_with_boxes_give_the_loss_and_gradients_of_samples_alone(projector_type):
     """Boxes stay with their samples' images through both collators (region_images renumbered per batch)."""
     model = _model(projector_type=projector_type).train()

@@ -55,13 +55,13 @@ def choose_target(config: RiceMllmConfig, target: str = "auto") -> str:
     OneVision cuts the images of a multi-image sample to their base tile, so a budgeted model with
     `multi_image_tiling=anyres` is reproduced there on one-image and text-only samples, and on multi-image samples
     when their images are passed one list per image (batch_num_images of ones). Forcing "llava_next" on a model it
-    cannot reproduce raises, naming the setting, and so does any target for a model with region tokens or with
-    LLaVA-OneVision-1.5's patch merger, which neither class computes.
+    cannot reproduce raises, naming the setting, and so does any target for a model with region tokens or with a
+    projector other than mlp2x_gelu, which neither class computes.
     """
     if config.projector_type != DEFAULT_PROJECTOR_TYPE:
         raise ValueError(
-            f"the model's projector is {config.projector_type!r} (a token per 2x2 block of patches), which "
-            "transformers' LLaVA-NeXT and OneVision classes do not compute; export a model with mlp2x_gelu"
+            f"the model's projector is {config.projector_type!r}, which transformers' LLaVA-NeXT and OneVision "
+            "classes do not compute; export a model with mlp2x_gelu"
         )
     if config.region_token_id is not None:
         raise ValueError(

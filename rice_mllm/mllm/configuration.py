@@ -21,8 +21,9 @@ class RiceMllmConfig(PreTrainedConfig):
         image_grid_pinpoints: candidate (height, width) resolutions for anyres tiling.
         vision_feature_layer: which hidden state feeds the projector (-2, as LLaVA; CLS is always dropped).
         projector_hidden_act: activation between the projector's two linears ("gelu": exact, as mlp2x_gelu).
-        projector_type: "mlp2x_gelu" (LLaVA: a token per patch) or "patch_merger" (LLaVA-OneVision-1.5: a token per
-            2x2 block of patches; no transformers LLaVA class computes it, so such a model does not export).
+        projector_type: "mlp2x_gelu" (LLaVA: a token per patch), "patch_merger" (LLaVA-OneVision-1.5: a token per
+            2x2 block of patches) or "mlp2x_gelu_block" (a token per patch that also sees its 2x2 block); no
+            transformers LLaVA class computes the last two, so such a model does not export.
         max_grid_tiles: token budget. None keeps every grid feature (LLaVA-NeXT); K downsamples the unpadded grid
             bilinearly to about K tiles' worth of tokens (LLaVA-OneVision's `anyres_max_K`), which transformers'
             OneVision classes reproduce exactly, unlike a 2x2 token merge.

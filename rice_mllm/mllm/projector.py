@@ -1,6 +1,7 @@
 """Projectors from vision features to the LLM's embedding space: LLaVA's `mlp2x_gelu` (one token per patch, names as
-transformers' LLaVA classes) and LLaVA-OneVision-1.5's patch merger (one token per 2x2 block of patches, names as
-transformers' `LlavaOnevision15VisionPatchMerger`)."""
+transformers' LLaVA classes), LLaVA-OneVision-1.5's patch merger (one token per 2x2 block of patches, names as
+transformers' `LlavaOnevision15VisionPatchMerger`), and `mlp2x_gelu_block`, mlp2x_gelu plus the merger's view of each
+block (one token per patch)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-PROJECTOR_TYPES = ("mlp2x_gelu", "patch_merger")
+PROJECTOR_TYPES = ("mlp2x_gelu", "patch_merger", "mlp2x_gelu_block")
 DEFAULT_PROJECTOR_TYPE = "mlp2x_gelu"  # LLaVA's, and what a config written before the choice existed has
 PATCH_MERGER_SIZE = 2  # LLaVA-OneVision-1.5's (and Qwen2-VL's) spatial_merge_size
 
 
 def spatial_merge_size(projector_type: str) -> int:
-    """Patches per side that one image token stands for: 1 for `mlp2x_gelu`, 2 for `patch_merger`."""
+    """Patches per side that one image token stands for: 2 for `patch_merger`, else 1."""
     if projector_type not in PROJECTOR_TYPES:
         raise ValueError(f"unknown projector_type {projector_type!r}; choose one of {list(PROJECTOR_TYPES)}")
     return PATCH_MERGER_SIZE if projector_type == "patch_merger" else 1
@@ -55,6 +56,14 @@ def merge_patches(features: torch.Tensor, merge: int = PATCH_MERGER_SIZE) -> tor
     return blocks.reshape(tiles, (side // merge) ** 2, merge * merge * dim)
 
 
+def unmerge_patches(blocks: torch.Tensor, merge: int = PATCH_MERGER_SIZE) -> torch.Tensor:
+    """The inverse of `merge_patches`: [tiles, B*B, merge*merge*D] -> [tiles, (B*merge)^2, D] row-major."""
+    tiles, count, width = blocks.shape
+    side, dim = round(count**0.5), width // (merge * merge)
+    patches = blocks.reshape(tiles, side, side, merge, merge, dim).permute(0, 1, 3, 2, 4, 5)
+    return patches.reshape(tiles, (side * merge) ** 2, dim)
+
+
 class PatchMergerProjector(nn.Module):
     """LLaVA-OneVision-1.5's patch merger: LayerNorm per patch, the 2x2 block's patches concatenated, then
     Linear(4D, 4D) -> GELU -> Linear(4D, llm). A quarter of the image tokens of `mlp2x_gelu`, and each token holds
@@ -89,10 +98,48 @@ class PatchMergerProjector(nn.Module):
         return self._project(self.norm(features).repeat(1, PATCH_MERGER_SIZE**2))
 
 
+class BlockContextProjector(MultiModalProjector):
+    """`mlp2x_gelu_block`: LLaVA's mlp2x_gelu on each patch, plus a term that sees the patch's whole 2x2 block.
+
+    The block term is the patch merger's view (the block's patches side by side, Linear(4D, 4L) -> GELU ->
+    Linear(4L, 4L), L the LLM's width), split back into the block's four tokens and added to theirs. Why: a box's
+    edges fall inside patches, so writing one needs where within a block an object's parts lie; with one token per
+    patch that is only in which token is which, and attention pools tokens. The merger puts it in fixed channels but
+    gives a block one token whose weights are not shared across the block's places, and the per-patch term keeps
+    what mlp2x_gelu reads the same wherever an object falls. Same token count and layout as mlp2x_gelu. The block
+    term's output layer starts at zero, so a new projector computes mlp2x_gelu.
+
+    Region features enter the block term as a block of four equal patches; the region token adds the mean of the
+    four outputs.
+    """
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, hidden_act: str = "gelu"):
+        super().__init__(vision_hidden_size, text_hidden_size, hidden_act)
+        blocks = PATCH_MERGER_SIZE**2
+        self.block_fc1 = nn.Linear(blocks * vision_hidden_size, blocks * text_hidden_size)
+        self.block_fc2 = nn.Linear(blocks * text_hidden_size, blocks * text_hidden_size)
+        nn.init.zeros_(self.block_fc2.weight)
+        nn.init.zeros_(self.block_fc2.bias)
+
+    def _block_term(self, merged: torch.Tensor) -> torch.Tensor:
+        return self.block_fc2(self.act(self.block_fc1(merged)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[tiles, N*N, vision_hidden] row-major patch grids (N even) -> [tiles, N*N, text_hidden]."""
+        return super().forward(features) + unmerge_patches(self._block_term(merge_patches(features)))
+
+    def project_regions(self, features: torch.Tensor) -> torch.Tensor:
+        """[R, vision_hidden] region features -> [R, text_hidden]."""
+        block = self._block_term(features.repeat(1, PATCH_MERGER_SIZE**2))
+        return super().forward(features) + block.reshape(len(features), PATCH_MERGER_SIZE**2, -1).mean(1)
+
+
 def build_projector(
     projector_type: str, vision_hidden_size: int, text_hidden_size: int, hidden_act: str, layer_norm_eps: float
 ) -> nn.Module:
     """The projector `projector_type` names (`PROJECTOR_TYPES`; an unknown name raises)."""
     if spatial_merge_size(projector_type) > 1:
         return PatchMergerProjector(vision_hidden_size, text_hidden_size, layer_norm_eps)
+    if projector_type == "mlp2x_gelu_block":
+        return BlockContextProjector(vision_hidden_size, text_hidden_size, hidden_act)
     return MultiModalProjector(vision_hidden_size, text_hidden_size, hidden_act)

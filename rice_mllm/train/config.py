@@ -36,9 +36,10 @@ class ModelConfig:
     # a <|region_pad|> token after each box of a user turn carries the box's RICE region feature (set at stage 1);
     # null: off for a new model, the checkpoint's own with init_from
     region_tokens: bool | None = None
-    # "mlp2x_gelu" (LLaVA: a token per patch) or "patch_merger" (LLaVA-OneVision-1.5: a token per 2x2 patches, a
-    # quarter of the image tokens; not exportable to transformers' LLaVA classes); null: mlp2x_gelu for a new model,
-    # the checkpoint's own with init_from
+    # "mlp2x_gelu" (LLaVA: a token per patch), "patch_merger" (LLaVA-OneVision-1.5: a token per 2x2 patches, a
+    # quarter of the image tokens) or "mlp2x_gelu_block" (a token per patch that also sees its 2x2 block); the last
+    # two do not export to transformers' LLaVA classes; null: mlp2x_gelu for a new model, the checkpoint's own with
+    # init_from
     projector: str | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # the LLM's attention: "sdpa_per_sample" (packed rows attend per sample, any device), "flash_attention_2" (needs
