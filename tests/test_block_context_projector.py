@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from rice_mllm.export import choose_target
 from rice_mllm.inference import load_for_inference
-from rice_mllm.mllm.projector import BlockContextProjector, MultiModalProjector
+from rice_mllm.mllm.projector import BlockContextProjector, MultiModalProjector, build_projector
 from rice_mllm.train.trainer import main as train_main
 from tests.test_region_tokens import _stage2_arguments
 
@@ -66,6 +66,13 @@ def test_a_new_block_projector_computes_mlp2x_gelu():
     features, regions = torch.randn(2, SIDE * SIDE, VISION), torch.randn(3, VISION)
     torch.testing.assert_close(new(features), plain(features))
     torch.testing.assert_close(new.project_regions(regions), plain(regions))
+
+
+def test_tiles_of_an_odd_number_of_patches_a_side_are_refused_by_name():
+    """378 px tiles of 14 px patches (rice-vit-l14-378) are 27 patches a side: no 2x2 blocks."""
+    with pytest.raises(ValueError, match="mlp2x_gelu_block.*have 27"):
+        build_projector("mlp2x_gelu_block", VISION, TEXT, "gelu", 1e-5, patches_per_side=27)
+    assert isinstance(build_projector("mlp2x_gelu_block", VISION, TEXT, "gelu", 1e-5, 28), BlockContextProjector)
 
 
 def test_a_block_projector_model_trains_reloads_its_block_term_and_is_not_exported(tmp_path):

@@ -91,6 +91,7 @@ class RiceMllmForConditionalGeneration(PreTrainedModel):
             config.text_config.hidden_size,
             config.projector_hidden_act,
             vision.layer_norm_eps,
+            vision.image_size // vision.patch_size,
         )
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)

@@ -135,11 +135,22 @@ class BlockContextProjector(MultiModalProjector):
 
 
 def build_projector(
-    projector_type: str, vision_hidden_size: int, text_hidden_size: int, hidden_act: str, layer_norm_eps: float
+    projector_type: str,
+    vision_hidden_size: int,
+    text_hidden_size: int,
+    hidden_act: str,
+    layer_norm_eps: float,
+    patches_per_side: int,
 ) -> nn.Module:
-    """The projector `projector_type` names (`PROJECTOR_TYPES`; an unknown name raises)."""
+    """The projector `projector_type` names (`PROJECTOR_TYPES`; an unknown name, or a block projector on tiles of an
+    odd number of patches a side, raises)."""
     if spatial_merge_size(projector_type) > 1:
         return PatchMergerProjector(vision_hidden_size, text_hidden_size, layer_norm_eps)
     if projector_type == "mlp2x_gelu_block":
+        if patches_per_side % PATCH_MERGER_SIZE:
+            raise ValueError(
+                f"projector_type 'mlp2x_gelu_block' needs tiles of an even number of patches a side; the encoder's "
+                f"tiles have {patches_per_side}"
+            )
         return BlockContextProjector(vision_hidden_size, text_hidden_size, hidden_act)
     return MultiModalProjector(vision_hidden_size, text_hidden_size, hidden_act)
