@@ -27,8 +27,9 @@ def _per_patch(projector: BlockContextProjector, feature: torch.Tensor) -> torch
 
 
 def _block_outputs(projector: BlockContextProjector, block: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The block term for four patches given in row-major order: one output per patch, in the same order."""
-    hidden = projector.block_fc2(F.gelu(projector.block_fc1(torch.cat(block))))
+    """The block term for four patches given in row-major order (the merger's MLP, times 0.25): one output per
+    patch, in the same order."""
+    hidden = 0.25 * projector.block_fc2(F.gelu(projector.block_fc1(torch.cat(block))))
     return list(hidden.split(TEXT))
 
 

@@ -12,6 +12,7 @@ from transformers.activations import ACT2FN
 PROJECTOR_TYPES = ("mlp2x_gelu", "patch_merger", "mlp2x_gelu_block")
 DEFAULT_PROJECTOR_TYPE = "mlp2x_gelu"  # LLaVA's, and what a config written before the choice existed has
 PATCH_MERGER_SIZE = 2  # LLaVA-OneVision-1.5's (and Qwen2-VL's) spatial_merge_size
+BLOCK_TERM_SCALE = 0.25  # mlp2x_gelu_block's fixed factor on its block term (BlockContextProjector says why)
 
 
 def spatial_merge_size(projector_type: str) -> int:
@@ -109,6 +110,11 @@ class BlockContextProjector(MultiModalProjector):
     what mlp2x_gelu reads the same wherever an object falls. Same token count and layout as mlp2x_gelu. The block
     term's output layer starts at zero, so a new projector computes mlp2x_gelu.
 
+    The block term's output is multiplied by a fixed 0.25 (`BLOCK_TERM_SCALE`). Under Adam a step moves each weight
+    by about the learning rate whatever its gradient, so the factor gives the term about a quarter of the learning
+    rate without a parameter group the trainer would have to know of. Unscaled, the term trained unstably: one of
+    four tiny-world seeds fell to 56.8% of its held-out answers; scaled, none fell below 85% (README, grounding).
+
     Region features enter the block term as a block of four equal patches; the region token adds the mean of the
     four outputs.
     """
@@ -122,7 +128,7 @@ class BlockContextProjector(MultiModalProjector):
         nn.init.zeros_(self.block_fc2.bias)
 
     def _block_term(self, merged: torch.Tensor) -> torch.Tensor:
-        return self.block_fc2(self.act(self.block_fc1(merged)))
+        return BLOCK_TERM_SCALE * self.block_fc2(self.act(self.block_fc1(merged)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[tiles, N*N, vision_hidden] row-major patch grids (N even) -> [tiles, N*N, text_hidden]."""
