@@ -14,7 +14,12 @@ model. Prints:
 - the held-out R^2 of ridge probes reading an object's centre within its cell and its size from the projected
   base-tile tokens of that cell (the LLM's input), once with the tokens in order and once pooled as attention pools
   them (weighted by the object's share of each patch, order lost): a place the ordered probe reads but the pooled one
-  does not is held only in which token is which, which the LLM's attention (a weighted sum) does not keep.
+  does not is held only in which token is which, which the LLM's attention (a weighted sum) does not keep;
+- for single-turn questions about an object with a shape twin, how much attention the token that writes the answer's
+  first word takes from the question's colour word and from its shape word (the head that gives each most): once
+  for the box answer (the first coordinate, after `<|box_start|>(`) and once for the same question asked for the
+  object's place in words ("Where is the blue circle?"). A box that never reads the colour word cannot tell twins
+  apart.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import torch
 from PIL import Image
 
 from rice_mllm.checkpoint_layout import resolve_model_dir
+from rice_mllm.data.synthetic_regions import GROUNDING_SUFFIX
 from rice_mllm.data.synthetic_scene import POSITIONS
-from rice_mllm.inference import load_for_inference
+from rice_mllm.inference import load_for_inference, prepare_inputs
 from rice_mllm.mllm.boxes import box_to_pixels, parse_boxes
 from rice_mllm.pretrain.region_data import read_region_jsonl
 
@@ -171,6 +177,60 @@ def probe_r2(
     }
 
 
+def last_positions(ids: list[int], word: list[int]) -> list[int]:
+    """Positions of the last occurrence of the token sequence `word` in `ids` (the question's, not the system's)."""
+    for start in range(len(ids) - len(word), -1, -1):
+        if ids[start : start + len(word)] == word:
+            return list(range(start, start + len(word)))
+    raise ValueError(f"token sequence {word} not in the prompt")
+
+
+def word_attention(attentions: tuple[torch.Tensor, ...], positions: list[int]) -> torch.Tensor:
+    """[layers, heads] attention the last query position gives `positions` (summed over them), batch row 0."""
+    return torch.stack([layer[0, :, -1, positions].sum(-1) for layer in attentions])
+
+
+def twin_word_attention(run: Path, regions: list[dict]) -> dict[str, dict[str, float]]:
+    """Per answer form ("box", "place in words"), the largest mean attention one head gives the colour word and the
+    shape word, from the position that writes the answer's first word, over single-turn held-out grounding questions
+    about an object with a shape twin."""
+    model, processor = load_for_inference(resolve_model_dir(run / "stage2_instruct"), device="cpu")
+    model.language_model.set_attn_implementation("eager")  # SDPA returns no attention weights
+    tokenizer = processor.tokenizer
+    box_prefix = tokenizer("<|box_start|>(", add_special_tokens=False)["input_ids"]
+    shapes = {r["image"]: [o["label"].split()[-1] for o in r["objects"]] for r in regions}
+    sums: dict[str, dict[str, torch.Tensor]] = {"box": {}, "place in words": {}}
+    count = 0
+    for record in json.loads((run / "data/qa_heldout.json").read_text()):
+        turns = record["conversations"]
+        if record.get("question_type") != "grounding" or len(turns) != 2:
+            continue
+        question = turns[0]["value"]
+        colour, shape = question.split("Where is the ")[1].removesuffix(GROUNDING_SUFFIX).rstrip("?").split()
+        if shapes[record["image"]].count(shape) < 2:
+            continue
+        image = Image.open(run / "data" / record["image"]).convert("RGB")
+        forms = {"box": (question, box_prefix), "place in words": (question.removesuffix(GROUNDING_SUFFIX), [])}
+        words = {
+            key: tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            for key, word in (("colour word", colour), ("shape word", shape))
+        }
+        for form, (text, prefix) in forms.items():
+            prompt = ([{"role": "user", "content": text}], [image])
+            inputs = prepare_inputs(processor, [prompt], model.device, model.vision_tower.dtype)
+            ids = torch.cat([inputs["input_ids"], torch.tensor([prefix], dtype=torch.long)], dim=1)
+            inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+            with torch.no_grad():
+                attentions = model(**inputs, output_attentions=True).attentions
+            for key, word_ids in words.items():
+                positions = last_positions(ids[0].tolist(), word_ids)
+                sums[form][key] = sums[form].get(key, 0) + word_attention(attentions, positions)
+        count += 1
+    if not count:
+        return {}
+    return {form: {key: (total / count).max().item() for key, total in totals.items()} for form, totals in sums.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a `python -m rice_mllm.tiny_world` run folder")
@@ -181,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     twins = shape_twin_accuracy(answers)
     across, down, on_target = centre_correlation(answers)
     r2 = probe_r2(args.run, regions)
+    attention = twin_word_attention(args.run, regions)
     right = sum(a["correct"] for a in answers)
     print(f"grounding: {right} of {len(answers)} right (IoU >= 0.5); misses: {dict(kinds)}")
     print("right by the asked object: " + ", ".join(f"{group} {r} of {n}" for group, (r, n) in twins.items()))
@@ -193,12 +254,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"ridge probe on the cell's projected tokens, {pooling}, held-out R^2: "
             + ", ".join(f"{name} {v:.2f}" for name, v in zip(("x", "y", "width", "height"), values, strict=True))
         )
+    for form, words in attention.items():
+        print(
+            f"shape-twin questions, {form} answer: its first word's attention (most attentive head) to the "
+            + ", ".join(f"{word} {share:.2f}" for word, share in words.items())
+        )
     return {
         "right": right,
         "misses": dict(kinds),
         "shape_twins": twins,
         "centre_correlation": [across, down],
         "probe_r2": r2,
+        "twin_word_attention": attention,
     }
 
 

@@ -1,9 +1,11 @@
-"""scripts/grounding_report.py: misses sorted by where the box lands, and box centres compared within their cell."""
+"""scripts/grounding_report.py: misses sorted by where the box lands, box centres compared within their cell, and the
+attention an answer takes from the question's words."""
 
 import runpy
 from pathlib import Path
 
 import pytest
+import torch
 
 REPORT = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "grounding_report.py"))
 SIZE = (96, 96)  # (height, width): cells of 32 px
@@ -59,3 +61,20 @@ def test_answers_are_split_by_whether_another_object_shares_the_asked_shape():
         for truth, correct in asked
     ]
     assert REPORT["shape_twin_accuracy"](answers) == {"with a shape twin": (1, 3), "without": (1, 1)}
+
+
+def test_word_attention_is_the_last_querys_weight_on_the_words_tokens_per_layer_and_head():
+    first, second = torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3)
+    first[0, :, 0] = torch.tensor([1.0, 0.0, 0.0])  # an earlier query, which does not write the answer
+    first[0, 0, -1], first[0, 1, -1] = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([0.6, 0.1, 0.3])
+    second[0, 0, -1], second[0, 1, -1] = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.9, 0.05, 0.05])
+    shares = REPORT["word_attention"]((first, second), [1, 2])
+    torch.testing.assert_close(shares, torch.tensor([[0.8, 0.4], [1.0, 0.1]]))
+
+
+def test_a_words_tokens_are_found_at_their_last_occurrence():
+    # the system prompt may hold the word too; the question comes last
+    assert REPORT["last_positions"]([5, 7, 8, 1, 7, 8, 2], [7, 8]) == [4, 5]
+    assert REPORT["last_positions"]([7, 8], [7, 8]) == [0, 1]
+    with pytest.raises(ValueError, match="not in the prompt"):
+        REPORT["last_positions"]([1, 2], [3])

@@ -17,6 +17,7 @@ from rice_mllm.mllm.boxes import REGION_TOKEN
 REGION_QUESTION_TYPES: tuple[str, ...] = ("region", "grounding", "absent")
 # (question, answer, pixel boxes of the turn's `<region>` placeholders, question's first then answer's)
 RegionTurn = tuple[str, str, tuple[Box, ...]]
+GROUNDING_SUFFIX = " Answer with its box."  # what turns "Where is the blue circle?" into a grounding question
 
 
 def _region_turns(scene: Scene, rendered: RenderedScene, rng: random.Random) -> list[RegionTurn]:
@@ -35,7 +36,7 @@ def _grounding_turns(scene: Scene, rendered: RenderedScene, rng: random.Random) 
     """Each object's box, named by colour and shape (unique in every scene: `sample_scene` draws unique labels)."""
     labels = [obj.label for obj in scene.objects]
     return [
-        (f"Where is the {obj.label}? Answer with its box.", REGION_TOKEN, (box,))
+        (f"Where is the {obj.label}?{GROUNDING_SUFFIX}", REGION_TOKEN, (box,))
         for obj, box in zip(scene.objects, rendered.object_boxes, strict=True)
         if labels.count(obj.label) == 1
     ]
