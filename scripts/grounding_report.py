@@ -38,6 +38,8 @@ from rice_mllm.data.synthetic_regions import GROUNDING_SUFFIX
 from rice_mllm.data.synthetic_scene import POSITIONS
 from rice_mllm.inference import load_for_inference, prepare_inputs
 from rice_mllm.mllm.boxes import box_to_pixels, parse_boxes
+from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
+from rice_mllm.mllm.processing import RiceMllmProcessor
 from rice_mllm.pretrain.region_data import read_region_jsonl
 
 GRID = len(POSITIONS)  # the tiny world's 3x3 grid of places ("top left" ...)
@@ -99,14 +101,22 @@ def miss_kinds(answers: list[dict]) -> Counter:
     return kinds
 
 
+def _shape(obj: dict) -> str:
+    return obj["label"].split()[-1]  # labels are "<colour> <shape>"
+
+
+def has_shape_twin(objects: list[dict], shape: str) -> bool:
+    """Whether two of the image's objects have this shape, so only their colour tells them apart."""
+    return [_shape(obj) for obj in objects].count(shape) > 1
+
+
 def shape_twin_accuracy(answers: list[dict]) -> dict[str, tuple[int, int]]:
     """(right, asked) for objects with a shape twin and for the others: a box that follows the shape but not the
     colour lands on either twin."""
     counts = {"with a shape twin": [0, 0], "without": [0, 0]}
     for answer in answers:
         (asked,) = [o for o in answer["objects"] if o["box"] == list(answer["truth"])]
-        shapes = [o["label"].split()[-1] for o in answer["objects"]]
-        tally = counts["with a shape twin" if shapes.count(asked["label"].split()[-1]) > 1 else "without"]
+        tally = counts["with a shape twin" if has_shape_twin(answer["objects"], _shape(asked)) else "without"]
         tally[0] += answer["correct"]
         tally[1] += 1
     return {group: (right, asked) for group, (right, asked) in counts.items()}
@@ -147,12 +157,16 @@ def _ridge_r2(features: list[torch.Tensor], targets: list, ridge: float, train_f
 
 
 def probe_r2(
-    run: Path, regions: list[dict], ridge: float = 10.0, train_fraction: float = 0.75
+    run: Path,
+    regions: list[dict],
+    model: RiceMllmForConditionalGeneration,
+    processor: RiceMllmProcessor,
+    ridge: float = 10.0,
+    train_fraction: float = 0.75,
 ) -> dict[str, list[float]]:
     """Held-out R^2 of ridge regressions to (centre x, centre y in the cell, width, height) from the cell's projected
     base-tile tokens, objects of the first images training them, the others testing them. "in order": the tokens
     side by side, as a probe sees them; "pooled": their mean weighted by `box_patch_weights`, as attention sees them."""
-    model, processor = load_for_inference(resolve_model_dir(run / "stage2_instruct"), device="cpu")
     n = model.geometry.tile_features  # tokens per side of a tile
     in_order, pooled, targets = [], [], []
     with torch.no_grad():
@@ -190,15 +204,16 @@ def word_attention(attentions: tuple[torch.Tensor, ...], positions: list[int]) -
     return torch.stack([layer[0, :, -1, positions].sum(-1) for layer in attentions])
 
 
-def twin_word_attention(run: Path, regions: list[dict]) -> dict[str, dict[str, float]]:
+def twin_word_attention(
+    run: Path, regions: list[dict], model: RiceMllmForConditionalGeneration, processor: RiceMllmProcessor
+) -> dict[str, dict[str, float]]:
     """Per answer form ("box", "place in words"), the largest mean attention one head gives the colour word and the
     shape word, from the position that writes the answer's first word, over single-turn held-out grounding questions
     about an object with a shape twin."""
-    model, processor = load_for_inference(resolve_model_dir(run / "stage2_instruct"), device="cpu")
     model.language_model.set_attn_implementation("eager")  # SDPA returns no attention weights
     tokenizer = processor.tokenizer
     box_prefix = tokenizer("<|box_start|>(", add_special_tokens=False)["input_ids"]
-    shapes = {r["image"]: [o["label"].split()[-1] for o in r["objects"]] for r in regions}
+    objects = {r["image"]: r["objects"] for r in regions}
     sums: dict[str, dict[str, torch.Tensor]] = {"box": {}, "place in words": {}}
     count = 0
     for record in json.loads((run / "data/qa_heldout.json").read_text()):
@@ -207,7 +222,7 @@ def twin_word_attention(run: Path, regions: list[dict]) -> dict[str, dict[str, f
             continue
         question = turns[0]["value"]
         colour, shape = question.split("Where is the ")[1].removesuffix(GROUNDING_SUFFIX).rstrip("?").split()
-        if shapes[record["image"]].count(shape) < 2:
+        if not has_shape_twin(objects[record["image"]], shape):
             continue
         image = Image.open(run / "data" / record["image"]).convert("RGB")
         forms = {"box": (question, box_prefix), "place in words": (question.removesuffix(GROUNDING_SUFFIX), [])}
@@ -240,8 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = miss_kinds(answers)
     twins = shape_twin_accuracy(answers)
     across, down, on_target = centre_correlation(answers)
-    r2 = probe_r2(args.run, regions)
-    attention = twin_word_attention(args.run, regions)
+    model, processor = load_for_inference(resolve_model_dir(args.run / "stage2_instruct"), device="cpu")
+    r2 = probe_r2(args.run, regions, model, processor)
+    attention = twin_word_attention(args.run, regions, model, processor)
     right = sum(a["correct"] for a in answers)
     print(f"grounding: {right} of {len(answers)} right (IoU >= 0.5); misses: {dict(kinds)}")
     print("right by the asked object: " + ", ".join(f"{group} {r} of {n}" for group, (r, n) in twins.items()))
