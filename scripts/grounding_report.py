@@ -37,7 +37,7 @@ from rice_mllm.checkpoint_layout import resolve_model_dir
 from rice_mllm.data.synthetic_regions import GROUNDING_SUFFIX
 from rice_mllm.data.synthetic_scene import POSITIONS
 from rice_mllm.inference import load_for_inference, prepare_inputs
-from rice_mllm.mllm.boxes import box_to_pixels, parse_boxes
+from rice_mllm.mllm.boxes import BOX_START, box_to_pixels, parse_boxes
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
 from rice_mllm.pretrain.region_data import read_region_jsonl
@@ -212,7 +212,7 @@ def twin_word_attention(
     about an object with a shape twin."""
     model.language_model.set_attn_implementation("eager")  # SDPA returns no attention weights
     tokenizer = processor.tokenizer
-    box_prefix = tokenizer("<|box_start|>(", add_special_tokens=False)["input_ids"]
+    box_prefix = tokenizer(BOX_START + "(", add_special_tokens=False)["input_ids"]
     objects = {r["image"]: r["objects"] for r in regions}
     sums: dict[str, dict[str, torch.Tensor]] = {"box": {}, "place in words": {}}
     count = 0
