@@ -9,6 +9,7 @@ of the same image (mllm/boxes.py holds the text format between them). Invariant:
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 import threading
@@ -72,10 +73,16 @@ def parse_box_argument(argument: str) -> list[float]:
     return [int(value) if value.is_integer() else value for value in box]  # shown in refusals as typed
 
 
-def pixel_boxes(text: str, image_size: tuple[int, int] | None) -> str:
-    """`text` with each box shown as `[box (x0, y0)-(x1, y1) px]` on an image of (height, width); as is without one."""
+def pixel_boxes(text: str, image_size: tuple[int, int] | None, printed: str = "") -> str:
+    """`text` with each box shown as `[box (x0, y0)-(x1, y1) px]` on an image of (height, width); as is without one.
+
+    A box written right after a word (Qwen2-VL's "blue circle<|box_start|>...") is set off by a space; `printed` is
+    what was printed before `text`, for a box at its start."""
     if image_size is None:
         return text
+    text = re.sub(rf"(?<=\S){re.escape(BOX_START)}", " " + BOX_START, text)
+    if text.startswith(BOX_START) and printed[-1:].strip():
+        text = " " + text
     return replace_boxes(text, lambda box: "[box ({}, {})-({}, {}) px]".format(*box_to_pixels(box, image_size)))
 
 
@@ -95,17 +102,22 @@ class PixelBoxPrinter:
     box is held back until the box is complete or cannot be one, so a box split across pieces prints whole."""
 
     def __init__(self, image_size: tuple[int, int] | None) -> None:
-        self.image_size, self.held = image_size, ""
+        self.image_size, self.held, self.printed = image_size, "", ""
 
     def feed(self, piece: str) -> str:
         text = self.held + piece
         cut = _unfinished_box_start(text)
         self.held = text[cut:]
-        return pixel_boxes(text[:cut], self.image_size)
+        return self._show(text[:cut])
 
     def finish(self) -> str:
         text, self.held = self.held, ""
-        return pixel_boxes(text, self.image_size)
+        return self._show(text)
+
+    def _show(self, text: str) -> str:
+        shown = pixel_boxes(text, self.image_size, self.printed)
+        self.printed = (self.printed + shown)[-1:]
+        return shown
 
 
 def _check_box_on(box: list[float], image_size: tuple[int, int]) -> None:

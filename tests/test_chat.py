@@ -170,9 +170,13 @@ def test_box_command_points_at_a_region_of_the_last_image(kit):
 
 
 REPLY_WITH_BOXES = (
-    "It is <|box_start|>(100,100),(500,500)<|box_end|>, not <|box_start|>( 0, 0),(1000,1000)<|box_end|> <|box_st"
+    "It is <|box_start|>(100,100),(500,500)<|box_end|>, not <|box_start|>( 0, 0),(1000,1000)<|box_end|> but blue"
+    " circle<|box_start|>(0,500),(500,1000)<|box_end|> <|box_st"
 )
-PRINTED = "It is [box (64, 48)-(320, 240) px], not [box (0, 0)-(640, 480) px] <|box_st"  # on a 640 x 480 image
+PRINTED = (  # on a 640 x 480 image; a box right after a word is set off by a space
+    "It is [box (64, 48)-(320, 240) px], not [box (0, 0)-(640, 480) px] but blue circle [box (0, 240)-(320, 480) px]"
+    " <|box_st"
+)
 
 
 def test_boxes_split_anywhere_across_streamed_pieces_print_whole_in_pixels():
