@@ -15,11 +15,11 @@ model. Prints:
   base-tile tokens of that cell (the LLM's input), once with the tokens in order and once pooled as attention pools
   them (weighted by the object's share of each patch, order lost): a place the ordered probe reads but the pooled one
   does not is held only in which token is which, which the LLM's attention (a weighted sum) does not keep;
-- for single-turn questions about an object with a shape twin, how much attention the token that writes the answer's
-  first word takes from the question's colour word and from its shape word (the head that gives each most): once
-  for the box answer (the first coordinate, after `<|box_start|>(`) and once for the same question asked for the
-  object's place in words ("Where is the blue circle?"). A box that never reads the colour word cannot tell twins
-  apart.
+- for single-turn questions about an object with a shape twin, how much attention one token takes from the colour
+  word and from the shape word (each word wherever the prompt and answer so far hold it; the head that gives each
+  most): the token that writes the box's first coordinate (after the answer's text up to `<|box_start|>(`), and the
+  one that writes the first word of the same question asked for the object's place in words ("Where is the blue
+  circle?"). A box that never reads the colour word cannot tell twins apart.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from rice_mllm.checkpoint_layout import resolve_model_dir
 from rice_mllm.data.synthetic_regions import GROUNDING_SUFFIX
 from rice_mllm.data.synthetic_scene import POSITIONS
 from rice_mllm.inference import load_for_inference, prepare_inputs
-from rice_mllm.mllm.boxes import BOX_START, box_to_pixels, parse_boxes
+from rice_mllm.mllm.boxes import BOX_START, REGION_TOKEN, box_to_pixels, parse_boxes
 from rice_mllm.mllm.modeling import RiceMllmForConditionalGeneration
 from rice_mllm.mllm.processing import RiceMllmProcessor
 from rice_mllm.pretrain.region_data import read_region_jsonl
@@ -191,12 +191,17 @@ def probe_r2(
     }
 
 
-def last_positions(ids: list[int], word: list[int]) -> list[int]:
-    """Positions of the last occurrence of the token sequence `word` in `ids` (the question's, not the system's)."""
-    for start in range(len(ids) - len(word), -1, -1):
-        if ids[start : start + len(word)] == word:
-            return list(range(start, start + len(word)))
-    raise ValueError(f"token sequence {word} not in the prompt")
+def word_positions(ids: list[int], forms: list[list[int]], start: int) -> list[int]:
+    """Positions from `start` on of every occurrence of any token sequence in `forms` (a word's spellings: with and
+    without a leading space), so a word the answer repeats after the question counts in both places."""
+    positions = set()
+    for form in forms:
+        for begin in range(start, len(ids) - len(form) + 1):
+            if ids[begin : begin + len(form)] == form:
+                positions.update(range(begin, begin + len(form)))
+    if not positions:
+        raise ValueError(f"none of the token sequences {forms} is in the prompt after position {start}")
+    return sorted(positions)
 
 
 def word_attention(attentions: tuple[torch.Tensor, ...], positions: list[int]) -> torch.Tensor:
@@ -208,11 +213,10 @@ def twin_word_attention(
     run: Path, regions: list[dict], model: RiceMllmForConditionalGeneration, processor: RiceMllmProcessor
 ) -> dict[str, dict[str, float]]:
     """Per answer form ("box", "place in words"), the largest mean attention one head gives the colour word and the
-    shape word, from the position that writes the answer's first word, over single-turn held-out grounding questions
-    about an object with a shape twin."""
+    shape word, from the position that writes the box's first coordinate (or the answer's first word), over
+    single-turn held-out grounding questions about an object with a shape twin."""
     model.language_model.set_attn_implementation("eager")  # SDPA returns no attention weights
     tokenizer = processor.tokenizer
-    box_prefix = tokenizer(BOX_START + "(", add_special_tokens=False)["input_ids"]
     objects = {r["image"]: r["objects"] for r in regions}
     sums: dict[str, dict[str, torch.Tensor]] = {"box": {}, "place in words": {}}
     count = 0
@@ -220,14 +224,18 @@ def twin_word_attention(
         turns = record["conversations"]
         if record.get("question_type") != "grounding" or len(turns) != 2:
             continue
-        question = turns[0]["value"]
+        question, reference = turns[0]["value"], turns[1]["value"]
         colour, shape = question.split("Where is the ")[1].removesuffix(GROUNDING_SUFFIX).rstrip("?").split()
         if not has_shape_twin(objects[record["image"]], shape):
             continue
         image = Image.open(run / "data" / record["image"]).convert("RGB")
-        forms = {"box": (question, box_prefix), "place in words": (question.removesuffix(GROUNDING_SUFFIX), [])}
-        words = {
-            key: tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        box_prefix = reference.split(REGION_TOKEN)[0] + BOX_START + "("  # the answer written up to the first coordinate
+        forms = {
+            "box": (question, tokenizer(box_prefix, add_special_tokens=False)["input_ids"]),
+            "place in words": (question.removesuffix(GROUNDING_SUFFIX), []),
+        }
+        spellings = {
+            key: [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (" " + word, word)]
             for key, word in (("colour word", colour), ("shape word", shape))
         }
         for form, (text, prefix) in forms.items():
@@ -237,8 +245,10 @@ def twin_word_attention(
             inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
             with torch.no_grad():
                 attentions = model(**inputs, output_attentions=True).attentions
-            for key, word_ids in words.items():
-                positions = last_positions(ids[0].tolist(), word_ids)
+            ids_list = ids[0].tolist()
+            after_image = len(ids_list) - ids_list[::-1].index(processor.image_token_id)  # the question and answer
+            for key, word_forms in spellings.items():
+                positions = word_positions(ids_list, word_forms, after_image)
                 sums[form][key] = sums[form].get(key, 0) + word_attention(attentions, positions)
         count += 1
     if not count:
@@ -272,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     for form, words in attention.items():
         print(
-            f"shape-twin questions, {form} answer: its first word's attention (most attentive head) to the "
+            f"shape-twin questions, {form} answer: attention of the token writing it (most attentive head) to the "
             + ", ".join(f"{word} {share:.2f}" for word, share in words.items())
         )
     return {

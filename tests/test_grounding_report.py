@@ -72,9 +72,9 @@ def test_word_attention_is_the_last_querys_weight_on_the_words_tokens_per_layer_
     torch.testing.assert_close(shares, torch.tensor([[0.8, 0.4], [1.0, 0.1]]))
 
 
-def test_a_words_tokens_are_found_at_their_last_occurrence():
-    # the system prompt may hold the word too; the question comes last
-    assert REPORT["last_positions"]([5, 7, 8, 1, 7, 8, 2], [7, 8]) == [4, 5]
-    assert REPORT["last_positions"]([7, 8], [7, 8]) == [0, 1]
-    with pytest.raises(ValueError, match="not in the prompt"):
-        REPORT["last_positions"]([1, 2], [3])
+def test_a_word_is_found_in_every_spelling_after_the_start():
+    # 7 8 is " blue", 9 is "blue": the question's and the answer's; the system prompt (before 3) is not searched
+    assert REPORT["word_positions"]([7, 8, 1, 3, 7, 8, 2, 9, 4], [[7, 8], [9]], 3) == [4, 5, 7]
+    assert REPORT["word_positions"]([7, 8], [[7, 8]], 0) == [0, 1]
+    with pytest.raises(ValueError, match="after position 1"):
+        REPORT["word_positions"]([3, 1, 2], [[3]], 1)
