@@ -58,10 +58,10 @@ def test_gpu_benchmark_quick_runs_and_counts_model_flops_as_by_hand(bench, capsy
     assert "tokens/s" in out and "MFU" in out and result["tokens_per_s"] > 0
     assert result["mfu"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e12)
     # The tiny presets by hand. rice-vit-tiny: hidden 32, MLP 64, 56 px tiles of 14 px patches (n = 16), feature layer
-    # -2 of 2 blocks (1 runs); qwen2.5-tiny: hidden 128, MLP 512, 4 layers, 4 heads of 32, 2 KV heads, 729 ids.
+    # -2 of 2 blocks (1 runs); qwen2.5-tiny: hidden 128, MLP 512, 4 layers, 4 heads of 32, 2 KV heads, 730 ids.
     shapes = script["FlopShapes"](
         llm_layer_params=4 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 512),  # q, k + v, o, MLP
-        llm_head_params=729 * 128,
+        llm_head_params=730 * 128,
         llm_layers=4,
         llm_attention_width=128,
         projector_params=32 * 128 + 128 * 128,
@@ -73,10 +73,10 @@ def test_gpu_benchmark_quick_runs_and_counts_model_flops_as_by_hand(bench, capsy
     )
     assert result["shapes"] == shapes
     # A step over samples of 100 and 60 tokens, 40 of them supervised, whose images gave 3 tiles.
-    llm = 6 * 983_040 * 160 + 6 * 93_312 * 40 + 6 * 4 * 128 * (100**2 + 60**2)
+    llm = 6 * 983_040 * 160 + 6 * 93_440 * 40 + 6 * 4 * 128 * (100**2 + 60**2)
     projector = 6 * 20_480 * 3 * 16
     vision = 3 * (2 * 18_816 * 16 + 2 * 8_192 * 17 + 4 * 1 * 32 * 17**2)
-    assert script["step_flops"](shapes, [100, 60], 40, 3) == llm + projector + vision == 1_016_543_616
+    assert script["step_flops"](shapes, [100, 60], 40, 3) == llm + projector + vision == 1_016_574_336
 
 
 def test_loss_memory_benchmark_runs_both_sides_with_equal_losses(monkeypatch, capsys):

@@ -170,7 +170,7 @@ def _answer(question: str, scenes: list[list[dict]], words: list[str | None]) ->
         return words[0]
     if m := re.fullmatch(r"Where is the (\w+) (\w+)\? Answer with its box\.", question):
         (match,) = [s for s in shapes if (s["colour"], s["shape"]) == (m[1], m[2])]
-        return json.dumps(match["box"])
+        return f"{m[1]} {m[2]}" + json.dumps(match["box"])
     if m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", question):
         return "yes" if any((s["colour"], s["shape"]) == (m[1], m[2]) for s in shapes) else "no"
     if question == "How many shapes are there?":

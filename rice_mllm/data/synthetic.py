@@ -45,7 +45,7 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 MANIFEST = "manifest.json"
 # Bumped whenever the same arguments would give different files, so that `reuse_existing` regenerates a world an older
 # generator wrote instead of training on its stale text (git history has what each version changed).
-GENERATOR_VERSION = 13
+GENERATOR_VERSION = 14
 # Text-only and two-image records per image of the split, rounded up. Text records ask TEXT_ONLY_TURNS different
 # questions each: held-out sums wanted more records, not longer ones. The held-out split holds more of both, so their
 # accuracy is known to a few points. The fractions were tuned on the main job (git history has the runs).

@@ -33,10 +33,15 @@ def _region_turns(scene: Scene, rendered: RenderedScene, rng: random.Random) -> 
 
 
 def _grounding_turns(scene: Scene, rendered: RenderedScene, rng: random.Random) -> list[RegionTurn]:
-    """Each object's box, named by colour and shape (unique in every scene: `sample_scene` draws unique labels)."""
+    """Each object's box, named by colour and shape (unique in every scene: `sample_scene` draws unique labels).
+
+    The answer names the object before its box ("blue circle<|box_start|>..."), as Qwen2-VL answers grounding (less
+    its `<|object_ref_*|>` markers, which the tiny tokenizer lacks). Why: writing a bare box, the first coordinate's
+    token read the question's shape word and not its colour word (scripts/grounding_report.py), so two objects of one
+    shape got one box; named in the answer, the colour word is a few tokens back."""
     labels = [obj.label for obj in scene.objects]
     return [
-        (f"Where is the {obj.label}?{GROUNDING_SUFFIX}", REGION_TOKEN, (box,))
+        (f"Where is the {obj.label}?{GROUNDING_SUFFIX}", f"{obj.label}{REGION_TOKEN}", (box,))
         for obj, box in zip(scene.objects, rendered.object_boxes, strict=True)
         if labels.count(obj.label) == 1
     ]
