@@ -47,6 +47,9 @@ def test_stage1_recipe_is_llava_next_and_plain_but_the_tiny_world_keeps_its_plan
     recipe_name, *overrides = stage_arguments("stage1", tmp_path, {})[1:]
     tiny = load_config(recipe_name, overrides)
     assert (tiny.model.image_grid_pinpoints, tiny.model.max_tiles, tiny.data.template) == (None, 1, "chatml")
+    # the recipe keeps the model's default, LLaVA's mlp2x_gelu (transformers' classes load it); the tiny world boxes
+    # with the block term
+    assert (recipe.model.projector, tiny.model.projector) == (None, "mlp2x_gelu_block")
     assert load_config(RECIPES / "stage2_instruct.yaml").data.template == "chatml"
 
 
