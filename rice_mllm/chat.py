@@ -80,9 +80,8 @@ def pixel_boxes(text: str, image_size: tuple[int, int] | None, printed: str = ""
     what was printed before `text`, for a box at its start."""
     if image_size is None:
         return text
-    text = re.sub(rf"(?<=\S){re.escape(BOX_START)}", " " + BOX_START, text)
-    if text.startswith(BOX_START) and printed[-1:].strip():
-        text = " " + text
+    tail = printed[-1:]
+    text = re.sub(rf"(?<=\S){re.escape(BOX_START)}", " " + BOX_START, tail + text)[len(tail) :]
     return replace_boxes(text, lambda box: "[box ({}, {})-({}, {}) px]".format(*box_to_pixels(box, image_size)))
 
 
