@@ -245,21 +245,26 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
     synthetic.main(["--out", str(tmp_path / "merged"), *args, "--merge-train-qa"])
     per_type, merged = _load(tmp_path / "per_type/qa_train.json"), _load(tmp_path / "merged/qa_train.json")
     captions = _load(tmp_path / "per_type/captions_train.json")
-    labels = {
-        r["image"]: [obj["label"] for obj in r["objects"]]
+    objects = {
+        r["image"]: r["objects"]
         for r in map(json.loads, (tmp_path / "merged/regions_train.jsonl").read_text().splitlines())
     }
-    region_early = extended = 0
+    labels = {image: [obj["label"] for obj in image_objects] for image, image_objects in objects.items()}
+    region_early = extended = more_grounded = 0
     for image in sorted({r["image"] for r in per_type if isinstance(r.get("image"), str)}):
         # the separate records' turns in order (colour and shape ones extended to every object they can ask about),
-        # then the image's caption record as the last turn; among them, in any order, the region types' grounding,
-        # region (less those about a box a grounding turn names) and absent turns
+        # then the image's caption record as the last turn; among them, in any order, a grounding turn for every
+        # object, and the region and absent records' turns
         records = {r["question_type"]: r for r in per_type if r.get("image") == image}
         old = [r for kind, r in records.items() if kind not in REGION_TYPES]
-        grounded = {json.dumps(box) for box in records["grounding"]["regions"]}
-        region = [t for t in _turn_pairs(records.get("region")) if not grounded & set(re.findall(r"\[.*?\]", t[0]))]
+        grounding = [
+            (f"Where is the {obj['label']}? Answer with its box.", f"{obj['label']}{json.dumps(obj['box'])}")
+            for obj in objects[image]
+        ]
+        assert set(_turn_pairs(records["grounding"])) <= set(grounding)
+        more_grounded += len(grounding) > len(_turn_pairs(records["grounding"]))
         (caption,) = [r for r in captions if r["image"] == image]
-        region_turns = _turn_pairs(records["grounding"]) + region + _turn_pairs(records["absent"])
+        region_turns = grounding + _turn_pairs(records.get("region")) + _turn_pairs(records["absent"])
         (together,) = [r for r in merged if r.get("image") == image]
         assert together["question_type"] == "mixed" and len(old) >= 3
         turns = _turn_pairs(together)
@@ -280,6 +285,7 @@ def test_merged_train_records_hold_each_images_turns_then_its_caption(tmp_path):
         assert together["conversations"][0]["value"].startswith("<image>\n")
     assert region_early  # region turns stand anywhere, also at the start, where held-out questions stand
     assert extended  # some colour or shape record asked fewer than all, and merging asked the rest
+    assert more_grounded  # some grounding record asked about fewer objects than the image holds
     assert [r for r in per_type if "image" not in r] == [r for r in merged if "image" not in r]  # text-only
     pairs = [[r for r in records if isinstance(r.get("image"), list)] for records in (per_type, merged)]
     # The first pair is drawn before any question is phrased; later ones follow the phrasing (see build_split).

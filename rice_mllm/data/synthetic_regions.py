@@ -32,7 +32,7 @@ def _region_turns(scene: Scene, rendered: RenderedScene, rng: random.Random) -> 
     return turns
 
 
-def _grounding_turns(scene: Scene, rendered: RenderedScene, rng: random.Random) -> list[RegionTurn]:
+def grounding_turns(scene: Scene, rendered: RenderedScene) -> list[RegionTurn]:
     """Each object's box, named by colour and shape (unique in every scene: `sample_scene` draws unique labels).
 
     The answer names the object before its box ("blue circle<|box_start|>..."), as Qwen2-VL answers grounding (less
@@ -65,7 +65,7 @@ def _absent_turns(scene: Scene, rendered: RenderedScene, rng: random.Random) -> 
 
 _TURN_MAKERS: dict[str, Callable[[Scene, RenderedScene, random.Random], list[RegionTurn]]] = {
     "region": _region_turns,
-    "grounding": _grounding_turns,
+    "grounding": lambda scene, rendered, rng: grounding_turns(scene, rendered),
     "absent": _absent_turns,
 }
 
@@ -81,13 +81,6 @@ def region_question_turns(
     rng.shuffle(turns)
     num_turns = rng.randint(2, MAX_TURNS) if rng.random() < MULTI_TURN_PROB else 1
     return turns[:num_turns]
-
-
-def without_shared_boxes(turns: list[RegionTurn], asked: list[RegionTurn]) -> list[RegionTurn]:
-    """`turns` less those about a box of `asked`: in one training record, "Where is the blue circle? <box>" then
-    "What colour is the shape at <box>?" could be answered by copying instead of looking."""
-    seen = {box for _, _, boxes in asked for box in boxes}
-    return [turn for turn in turns if not seen.intersection(turn[2])]
 
 
 def split_turns(turns: list[RegionTurn]) -> tuple[list[Turn], list[list[int]]]:
