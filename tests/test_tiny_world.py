@@ -1,6 +1,6 @@
 """The main job's plan: every override is a real recipe key, and a shrunk run goes world -> stage 0 -> 1 -> 2 -> eval.
 
-The full-size job (`python -m rice_mllm.tiny_world`, about 24 min on 2 cores) is measured in the README, not here.
+The full-size job (`python -m rice_mllm.tiny_world`, about 26 min on 2 cores) is measured in the README, not here.
 """
 
 import json
