@@ -88,8 +88,8 @@ PLAN: dict[str, tuple[str, dict[str, str]]] = {
             "model.max_tiles": "1",
             "model.multi_image_tiling": "base",
             # RICE's point: a box in a question brings the encoder's own region feature (its region transformer over
-            # the box), not just its digits: region questions 98-99% held out, 72.5-73% with
-            # `stage1.model.region_tokens=false` (boxes as text; git log has the runs).
+            # the box), not just its digits: region questions 98-99% held out, 64.5-71.5% with
+            # `stage1.model.region_tokens=false` (boxes as text; README Status).
             "model.region_tokens": "true",
             # A box's edges fall inside 16 px patches; the block term sees where in its 2x2 block an object's parts lie
             # (grounding 69.5-81.5% against 59.5-75.5% with `mlp2x_gelu`, four seeds each; git log has the runs).
