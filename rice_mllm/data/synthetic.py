@@ -184,10 +184,10 @@ def _merged_region_turns(
     """One training record's region turns: every object's grounding turn, then the image's region and absent turns.
 
     Every object, as the BINDING_TYPES ask every object they can: asked about one to three objects an image, the
-    main job's held-out grounding was 79.5 / 81.5 / 72.5 / 69.5% (stage-1/2 seeds 0-3); asked about all, 84 / 81 /
-    71 / 92.5%. A region turn may then ask about a box a grounding turn answered, a copy that held-out records, one
-    question type each, never allow. The drawn grounding turns are left out, but drawing them keeps the region and
-    absent turns' stream as the per-type records have it."""
+    main job's grounding was lower on three of four seeds (git log has the runs). A region turn may then ask about a
+    box a grounding turn answered, a copy that held-out records, one question type each, never allow. The drawn
+    grounding turns are left out, but drawing them keeps the region and absent turns' stream as the per-type records
+    have it."""
     return grounding_turns(scene, rendered) + turns_by_type.get("region", []) + turns_by_type.get("absent", [])
 
 
