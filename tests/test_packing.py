@@ -159,6 +159,52 @@ def test_per_sample_attention_computes_no_cross_sample_scores(model, samples, pr
         assert widths == [packed["input_ids"].shape[1]] * layers
 
 
+def _llm_sdpa_masks(model, batch, monkeypatch) -> list:
+    """The attention mask each SDPA call of the LLM's forward pass gets (None: causal only)."""
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
+    masks = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        masks.append(attn_mask)
+        return real_sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
+    monkeypatch.undo()
+    return masks
+
+
+def test_right_padding_needs_no_mask_left_padding_keeps_it(model, samples, processor, monkeypatch):
+    """Per-sample SDPA runs a right-padded training batch causal, without the mask (its loss and gradients are the
+    samples' alone: test_padded_batch_gives_the_same_per_token_mean); a left-padded one keeps the mask, and its real
+    tokens' logits stay those of each sample alone."""
+    padded = PaddingCollator(processor.pad_token_id)(samples)
+    per_sample = model.config.text_config._attn_implementation == PER_SAMPLE_SDPA
+    right = _llm_sdpa_masks(model, padded, monkeypatch)
+    assert len(right) == model.config.text_config.num_hidden_layers
+    assert all((mask is None) == per_sample for mask in right)
+    width = padded["input_ids"].shape[1]
+    shifts = [int(width - n) for n in padded["attention_mask"].sum(1)]
+    left = dict(padded)
+    for key in ("input_ids", "attention_mask"):
+        left[key] = torch.stack([row.roll(shift) for row, shift in zip(padded[key], shifts, strict=True)])
+    del left["labels"]
+    assert all(mask is not None for mask in _llm_sdpa_masks(model, left, monkeypatch))
+    with torch.no_grad():
+        logits = model.eval()(**left).logits
+        for row, sample in enumerate(samples):
+            alone = model(
+                input_ids=sample["input_ids"][None],
+                pixel_values=sample["pixel_values"],
+                image_sizes=sample["image_sizes"],
+            ).logits[0]
+            torch.testing.assert_close(logits[row, width - len(alone) :], alone, rtol=1e-4, atol=1e-5)
+    model.train()
+
+
 def test_sample_spans_by_hand():
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
     assert sample_spans(position_ids) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 9)]]

@@ -4,8 +4,9 @@ A packed row (data.packing) holds several samples and no attention_mask; its `po
 sample. transformers' SDPA path then attends over the whole row under a block-diagonal mask: the cost grows with the
 row's width squared and most of the work is masked away. flash-attn's varlen kernel does what this module does, on
 CUDA only. Here each sample (a span where positions count up by one, the rule transformers uses to find packed
-sequences) runs causal SDPA alone, so no cross-sample attention is computed. Anything that is not a packed row (a
-padding mask, a cached decoding step) goes through transformers' SDPA unchanged.
+sequences) runs causal SDPA alone, so no cross-sample attention is computed. A right-padded training batch runs
+causal SDPA without a mask too; anything else (left padding, a cached decoding step) goes through transformers' SDPA
+unchanged.
 
 Importing the module registers the name with transformers' attention and mask interfaces, so a transformers model's
 `set_attn_implementation("sdpa_per_sample")` selects it (the kit's model: `set_llm_attn_implementation`).
@@ -61,9 +62,23 @@ def per_sample_sdpa_attention(
     return torch.cat(rows), None
 
 
+def _padding_trails_every_row(attention_mask: torch.Tensor, **mask_args) -> bool:
+    """A plain causal mask over a right-padded batch with no KV cache (a training batch): every row's real tokens come
+    first, so causal attention alone never lets a real token read a pad. The pads' own outputs change, and carry no
+    label."""
+    plain_causal = mask_args.get("allow_is_causal_skip", True) and mask_args.get("local_size") is None
+    no_cache = mask_args.get("q_offset", 0) == 0 and mask_args.get("q_length") == mask_args.get("kv_length")
+    if not (plain_causal and no_cache and attention_mask.dim() == 2):
+        return False
+    real = attention_mask.int()
+    return bool((real[:, 1:] <= real[:, :-1]).all())
+
+
 def per_sample_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """No mask without a padding mask (the attention reads sample boundaries itself); SDPA's mask otherwise."""
-    if attention_mask is None:
+    """No mask where causal attention alone is exact: a packed row (the attention reads sample boundaries itself) or a
+    right-padded training batch, where SDPA's mask would cost the whole square of the row, the half a causal kernel
+    skips included; SDPA's mask otherwise (left padding, decoding with a cache)."""
+    if attention_mask is None or (not args and _padding_trails_every_row(attention_mask, **kwargs)):
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
