@@ -85,13 +85,15 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     geometry = kit.geometry
     with tempfile.TemporaryDirectory() as tmp:
         peer = export_peer(kit, processor, Path(tmp))
-    # The same weights attending per sample in packed rows (the trainer's default without flash-attn).
+    # The same weights attending per sample (the trainer's default without flash-attn): packed rows sample by sample,
+    # right-padded batches causal without the padding mask.
     kit_per_sample = copy.deepcopy(kit)
     kit_per_sample.set_llm_attn_implementation(PER_SAMPLE_SDPA)
     variants = {  # name -> (model, collate, batches)
         PEER: (peer, lambda chunk: to_llava_next_pixels(pad(chunk), geometry), batches),
         "rice_mllm, padded": (kit, pad, batches),
         "rice_mllm, length-grouped, padded": (kit, pad, grouped),
+        "rice_mllm, length-grouped, padded, per-sample attention": (kit_per_sample, pad, grouped),
         "rice_mllm, packed, row attention": (kit, pack, packed),
         PACKED_PER_SAMPLE: (kit_per_sample, pack, packed),
     }
@@ -108,6 +110,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "rice_mllm, padded": kit.train()(**pad(first)).loss.item(),
             "rice_mllm, packed": kit(**pack(first)).loss.item(),
             "rice_mllm, packed, per-sample": kit_per_sample.train()(**pack(first)).loss.item(),
+            "rice_mllm, padded, per-sample": kit_per_sample(**pad(first)).loss.item(),
         }
     optimizers = {
         id(peer): stage2_optimizer(dict(peer.named_parameters()), "model.vision_tower."),
@@ -133,7 +136,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     rates = {name: real_tokens / value for name, value in elapsed.items()}
     for name, rate in rates.items():
         print(
-            f"{name:40s} {rate:9.1f} tokens/s  computed {padded[name]:6d} positions "
+            f"{name:56s} {rate:9.1f} tokens/s  computed {padded[name]:6d} positions "
             f"({real_tokens / padded[name]:4.0%} real)  ratio vs transformers {rate / rates[PEER]:5.2f}x"
         )
     return {"tokens_per_s": rates, "loss": losses}

@@ -18,8 +18,8 @@ def bench(monkeypatch):
 def test_train_benchmark_runs_with_equal_losses_and_prints_ratios(bench, capsys):
     result = bench("bench_train")["main"](["--quick"])
     out = capsys.readouterr().out
-    assert out.count("ratio vs transformers") == 5 and len(result["tokens_per_s"]) == 5
-    losses = list(result["loss"].values())  # transformers, kit padded, packed, per-sample: same weights and samples
+    assert out.count("ratio vs transformers") == 6 and len(result["tokens_per_s"]) == 6
+    losses = list(result["loss"].values())  # transformers, kit padded and packed, each both ways: same weights, samples
     assert max(losses) - min(losses) <= 1e-5, result["loss"]
 
 
