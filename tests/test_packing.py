@@ -80,15 +80,18 @@ def _loss_and_grads(model, compute_loss):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _alone_logits(model, sample) -> torch.Tensor:
+    """One sample's logits, run alone (batch of 1, no padding)."""
+    return model(
+        input_ids=sample["input_ids"][None], pixel_values=sample["pixel_values"], image_sizes=sample["image_sizes"]
+    ).logits[0]
+
+
 def _reference_loss(model, samples):
     """Each sample alone (batch of 1, no padding); summed token cross-entropy over all supervised tokens, by hand."""
     total, count = 0.0, 0
     for sample in samples:
-        logits = model(
-            input_ids=sample["input_ids"][None],
-            pixel_values=sample["pixel_values"],
-            image_sizes=sample["image_sizes"],
-        ).logits[0]
+        logits = _alone_logits(model, sample)
         targets = sample["labels"][1:]
         total = total + F.cross_entropy(logits[:-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         count += int((targets != IGNORE_INDEX).sum())
@@ -127,54 +130,40 @@ def test_attention_stays_inside_each_sample(model, samples, processor):
         logits = model.eval()(**packed).logits[0]
         start = 0
         for sample in samples:  # one row, so samples sit in input order
-            alone = model(
-                input_ids=sample["input_ids"][None],
-                pixel_values=sample["pixel_values"],
-                image_sizes=sample["image_sizes"],
-            ).logits[0]
+            alone = _alone_logits(model, sample)
             torch.testing.assert_close(logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-5)
             start += len(alone)
     model.train()
 
 
-def test_per_sample_attention_computes_no_cross_sample_scores(model, samples, processor, monkeypatch):
-    """Per-sample SDPA calls attention once per sample of a packed row; transformers' SDPA once over the whole row."""
-    packed = PackingCollator(10_000, processor.pad_token_id)(samples)
+def _llm_sdpa_calls(model, batch, monkeypatch, **llm_inputs) -> list[tuple[int, torch.Tensor | None]]:
+    """(key width, attention mask; None: causal only) of each SDPA call in the LLM's forward pass over `batch`."""
     with torch.no_grad():
-        embeds = model.embed_inputs(packed["input_ids"], packed["pixel_values"], packed["image_sizes"])
-    widths = []
+        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
+    calls = []
     real_sdpa = F.scaled_dot_product_attention
 
-    def spy(query, key, *args, **kwargs):
-        widths.append(key.shape[2])
-        return real_sdpa(query, key, *args, **kwargs)
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        calls.append((key.shape[2], attn_mask))
+        return real_sdpa(query, key, value, attn_mask, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     with torch.no_grad():
-        model.language_model(inputs_embeds=embeds, position_ids=packed["position_ids"], use_cache=False)
+        model.language_model(inputs_embeds=embeds, use_cache=False, **llm_inputs)
+    monkeypatch.undo()
+    return calls
+
+
+def test_per_sample_attention_computes_no_cross_sample_scores(model, samples, processor, monkeypatch):
+    """Per-sample SDPA calls attention once per sample of a packed row; transformers' SDPA once over the whole row."""
+    packed = PackingCollator(10_000, processor.pad_token_id)(samples)
+    calls = _llm_sdpa_calls(model, packed, monkeypatch, position_ids=packed["position_ids"])
+    widths = [width for width, _ in calls]
     layers = model.config.text_config.num_hidden_layers
     if model.config.text_config._attn_implementation == PER_SAMPLE_SDPA:
         assert sorted(widths) == sorted(len(sample["input_ids"]) for sample in samples for _ in range(layers))
     else:
         assert widths == [packed["input_ids"].shape[1]] * layers
-
-
-def _llm_sdpa_masks(model, batch, monkeypatch) -> list:
-    """The attention mask each SDPA call of the LLM's forward pass gets (None: causal only)."""
-    with torch.no_grad():
-        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
-    masks = []
-    real_sdpa = F.scaled_dot_product_attention
-
-    def spy(query, key, value, attn_mask=None, *args, **kwargs):
-        masks.append(attn_mask)
-        return real_sdpa(query, key, value, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    with torch.no_grad():
-        model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
-    monkeypatch.undo()
-    return masks
 
 
 def test_right_padding_needs_no_mask_left_padding_keeps_it(model, samples, processor, monkeypatch):
@@ -183,7 +172,7 @@ def test_right_padding_needs_no_mask_left_padding_keeps_it(model, samples, proce
     tokens' logits stay those of each sample alone."""
     padded = PaddingCollator(processor.pad_token_id)(samples)
     per_sample = model.config.text_config._attn_implementation == PER_SAMPLE_SDPA
-    right = _llm_sdpa_masks(model, padded, monkeypatch)
+    right = [mask for _, mask in _llm_sdpa_calls(model, padded, monkeypatch, attention_mask=padded["attention_mask"])]
     assert len(right) == model.config.text_config.num_hidden_layers
     assert all((mask is None) == per_sample for mask in right)
     width = padded["input_ids"].shape[1]
@@ -192,15 +181,12 @@ def test_right_padding_needs_no_mask_left_padding_keeps_it(model, samples, proce
     for key in ("input_ids", "attention_mask"):
         left[key] = torch.stack([row.roll(shift) for row, shift in zip(padded[key], shifts, strict=True)])
     del left["labels"]
-    assert all(mask is not None for mask in _llm_sdpa_masks(model, left, monkeypatch))
+    left_calls = _llm_sdpa_calls(model, left, monkeypatch, attention_mask=left["attention_mask"])
+    assert all(mask is not None for _, mask in left_calls)
     with torch.no_grad():
         logits = model.eval()(**left).logits
         for row, sample in enumerate(samples):
-            alone = model(
-                input_ids=sample["input_ids"][None],
-                pixel_values=sample["pixel_values"],
-                image_sizes=sample["image_sizes"],
-            ).logits[0]
+            alone = _alone_logits(model, sample)
             torch.testing.assert_close(logits[row, width - len(alone) :], alone, rtol=1e-4, atol=1e-5)
     model.train()
 
